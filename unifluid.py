@@ -1,0 +1,835 @@
+"""
+UniFluid in one file (Fan et al., "Unified Autoregressive Visual Generation and Understanding with
+Continuous Tokens", arXiv 2503.13436).
+
+One Gemma-like decoder reads three layouts (SPEC section 1):
+
+    generation     <bos> text… <boi> [img_1 … img_N]          img slots: VAE latent patch or [MASK]
+    understanding  [und_1 … und_M] <bos> prompt… <sep> answer… <eos>
+    editing        [und_1 … und_M] <bos> instruction… <boi> [img_1 … img_N]
+
+Text positions end in the tied softmax head (cross entropy). Image positions end in a small per-token
+diffusion head (MAR) that models the continuous token. One loss: w * L_image + (1 - w) * L_text.
+
+Read top to bottom: config -> tokenizers -> decoder -> attention masks -> vision encoder -> image
+tokens -> random-order masking -> diffusion head -> UniFluid (batch layout, loss, generation) -> FLOPs.
+Nothing here knows about files, datasets or the command line.
+"""
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Config:
+    # decoder (Gemma-like)
+    vocab_size: int = 264          # set from the tokenizer; 264 = byte tokenizer
+    n_layer: int = 4               # transformer blocks
+    d_model: int = 192             # residual width
+    n_head: int = 4                # query heads
+    n_kv_head: int = 2             # key/value heads (grouped-query attention)
+    head_dim: int = 48             # per-head width (Gemma decouples it from d_model)
+    d_ff: int = 768                # GeGLU hidden width
+    rope_base: float = 10_000.0    # RoPE base for global layers
+    rope_local_base: float = 10_000.0  # RoPE base for sliding-window layers (Gemma-3: 10k, global 1M)
+    query_scale: float = 0.0       # queries are scaled by query_scale**-0.5; 0 -> head_dim (Gemma-2: 256)
+    qk_norm: bool = True           # Gemma-3 RMSNorm on queries and keys (keeps attention flash-friendly)
+    sandwich_norm: bool = True     # Gemma-2/3 post-attention and post-MLP norms; False = Gemma-1
+    attn_softcap: float = 0.0      # Gemma-2 tanh soft-capping of attention logits (50); 0 = off
+    final_softcap: float = 0.0     # Gemma-2 soft-capping of output logits (30); 0 = off
+    sliding_window: int = 0        # window of local layers; 0 = every layer global
+    global_every: int = 1          # layer i is global iff (i + 1) % global_every == 0 (Gemma-2: 2, Gemma-3: 6)
+    max_text_len: int = 32         # longest prompt/answer in tokens (longer ones are truncated)
+    # understanding encoder (SigLIP-layout ViT)
+    image_size: int = 32           # pixels of the images the ViT reads
+    vit_patch: int = 8             # ViT patch size -> (image_size / vit_patch)^2 und slots
+    vit_width: int = 128
+    vit_layers: int = 2
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    # generated image tokens (VAE latents)
+    latent_size: int = 8           # latent grid side (image_size / VAE downsampling)
+    latent_channels: int = 4       # VAE latent channels
+    patch_size: int = 2            # p x p latent cells form one token -> token_dim = p*p*C
+    order: str = "random"          # "random" (MAR masking, bidirectional block) or "raster" (causal AR)
+    # diffusion head (MAR's SimpleMLPAdaLN)
+    head_width: int = 256
+    head_depth: int = 3
+    diffusion_steps: int = 1000    # training timesteps of the cosine schedule
+    diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
+    # training-time behaviour
+    image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (SPEC section 3)
+    cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
+    dropout: float = 0.0
+
+    @property
+    def num_image_tokens(self):    # N generated slots
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self):           # dimension of one continuous image token
+        return self.patch_size * self.patch_size * self.latent_channels
+
+    @property
+    def num_und_tokens(self):      # M understanding slots
+        return (self.image_size // self.vit_patch) ** 2
+
+    @property
+    def max_seq_len(self):         # und block + text + image block, with specials
+        return self.num_und_tokens + 2 * self.max_text_len + 4 + self.num_image_tokens
+
+    def layer_is_global(self, i):
+        return self.sliding_window <= 0 or (i + 1) % self.global_every == 0
+
+    @staticmethod
+    def preset(name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return replace(Config(**PRESETS[name]), **overrides)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+PRESETS = {
+    # unit tests: a few hundred thousand parameters
+    "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=256, vit_width=32,
+                 vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
+    # the CPU quickstart (SPEC section 6: ~4M parameters, 16 tokens of 16 dims)
+    "small": dict(),
+    # one GPU, a few hundred M parameters, 64 px images
+    "base": dict(n_layer=16, d_model=1024, n_head=8, n_kv_head=4, head_dim=128, d_ff=4096,
+                 image_size=64, vit_patch=8, vit_width=384, vit_layers=6, vit_heads=6, vit_mlp=1536,
+                 latent_size=16, head_width=1024, head_depth=6, max_text_len=48),
+    # real Gemma shapes (text decoder exactly as released; image parts sized like MAR-B)
+    "gemma2-2b": dict(vocab_size=256_000, n_layer=26, d_model=2304, n_head=8, n_kv_head=4, head_dim=256,
+                      d_ff=9216, query_scale=256, qk_norm=False, attn_softcap=50.0, final_softcap=30.0,
+                      sliding_window=4096, global_every=2, image_size=256, vit_patch=16, vit_width=768,
+                      vit_layers=12, vit_heads=12, vit_mlp=3072, latent_size=16, latent_channels=16,
+                      patch_size=1, head_width=1024, head_depth=6, max_text_len=128),
+    "gemma3-1b": dict(vocab_size=262_144, n_layer=26, d_model=1152, n_head=4, n_kv_head=1, head_dim=256,
+                      d_ff=6912, query_scale=256, rope_base=1_000_000.0, sliding_window=512,
+                      global_every=6, image_size=256, vit_patch=16, vit_width=768, vit_layers=12,
+                      vit_heads=12, vit_mlp=3072, latent_size=16, latent_channels=16, patch_size=1,
+                      head_width=1024, head_depth=6, max_text_len=128),
+}
+
+# -----------------------------------------------------------------------------
+# 2. Tokenizers: built in, no files. Specials first, then the 256 bytes, then (word tokenizer) words.
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<sep>", "<unused0>", "<unused1>"]
+PAD, BOS, EOS, BOI, EOI, SEP = range(6)
+N_SPECIAL = len(SPECIALS)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: works for any text, ~4x longer sequences than words."""
+    pad_id, bos_id, eos_id, boi_id, eoi_id, sep_id = PAD, BOS, EOS, BOI, EOI, SEP
+
+    @property
+    def vocab_size(self):
+        return N_SPECIAL + 256
+
+    def encode(self, text):
+        return [N_SPECIAL + b for b in text.encode("utf-8")]
+
+    def _piece_bytes(self, i):     # bytes of one non-special id
+        return bytes([i - N_SPECIAL])
+
+    def decode(self, ids):
+        out = b"".join(self._piece_bytes(i) for i in ids if i >= N_SPECIAL)
+        return out.decode("utf-8", errors="replace")
+
+    def state_dict(self):
+        return {"kind": "byte"}
+
+
+class WordTokenizer(ByteTokenizer):
+    """Frequent words (with their leading space, like GPT-2's 'Ġred') from the training captions;
+    any other piece falls back to bytes, so every string round-trips exactly."""
+    split = re.compile(r" ?[^\s]+|\s")
+
+    def __init__(self, words):
+        self.words = list(words)
+        self.index = {w: N_SPECIAL + 256 + i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, texts, max_words=4000, min_count=2):
+        counts = Counter(p for t in texts for p in cls.split.findall(t))
+        return cls([w for w, c in counts.most_common(max_words) if c >= min_count and len(w) > 1])
+
+    @property
+    def vocab_size(self):
+        return N_SPECIAL + 256 + len(self.words)
+
+    def encode(self, text):
+        ids = []
+        for piece in self.split.findall(text):
+            if piece in self.index:
+                ids.append(self.index[piece])
+            else:
+                ids.extend(N_SPECIAL + b for b in piece.encode("utf-8"))
+        return ids
+
+    def _piece_bytes(self, i):
+        return bytes([i - N_SPECIAL]) if i < N_SPECIAL + 256 else self.words[i - N_SPECIAL - 256].encode()
+
+    def state_dict(self):
+        return {"kind": "word", "words": self.words}
+
+
+def tokenizer_from_state(state):
+    if state["kind"] == "byte":
+        return ByteTokenizer()
+    if state["kind"] == "word":
+        return WordTokenizer(state["words"])
+    raise ValueError(f"unknown tokenizer kind {state['kind']!r} in checkpoint")
+
+# -----------------------------------------------------------------------------
+# 3. The Gemma-like decoder
+
+
+class RMSNorm(nn.Module):
+    """Gemma: computed in fp32, weight stored as an offset from 1 (init 0)."""
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope(x, pos, base):
+    """Rotary embedding, half-split layout (Gemma/HF): x (B, H, T, hd), pos (B, T)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    ang = pos.float()[:, None, :, None] * inv                      # (B, 1, T, hd/2)
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer, written in place by position (gemma_pytorch)."""
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
+        self.rope_base = cfg.rope_base if cfg.layer_is_global(layer) else cfg.rope_local_base
+        self.scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+
+    def forward(self, x, pos, mask, cache=None, start=0):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)          # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)          # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        if cache is not None:                                          # write in place, read the prefix
+            cache.k[self.layer][:, :, start:start + T] = k
+            cache.v[self.layer][:, :, start:start + T] = v
+            k, v = cache.k[self.layer][:, :, :start + T], cache.v[self.layer][:, :, :start + T]
+        if callable(mask):                                             # FlexAttention block mask (GPU)
+            y = mask(q, k, v, self.scale)
+        elif self.cfg.attn_softcap > 0:                                # Gemma-2 soft-capping: no fused kernel
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            att = (q @ k.transpose(-1, -2)) * self.scale
+            att = torch.tanh(att / self.cfg.attn_softcap) * self.cfg.attn_softcap
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).type_as(q)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x)), no biases."""
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, d_ff, bias=False)
+        self.up_proj = nn.Linear(d, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Gemma-2/3 sandwich: x + post_norm(attn(pre_norm(x))), same around the MLP."""
+    def __init__(self, cfg, layer):
+        super().__init__()
+        sandwich = (lambda: RMSNorm(cfg.d_model)) if cfg.sandwich_norm else nn.Identity
+        self.input_layernorm = RMSNorm(cfg.d_model)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = sandwich()    # Gemma-2/3 meaning (Gemma-1 uses the name pre-MLP)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff)
+        self.post_feedforward_layernorm = sandwich()
+        self.is_global = cfg.layer_is_global(layer)
+
+    def forward(self, x, pos, masks, cache=None, start=0):
+        mask = masks["global" if self.is_global else "local"]
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, mask, cache, start))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma(nn.Module):
+    """Names follow Hugging Face's Gemma (model.embed_tokens, model.layers.N..., model.norm)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.checkpointing = False     # activation checkpointing (train.py --grad_checkpoint)
+
+    def embed(self, ids):              # Gemma multiplies input embeddings by sqrt(d) (in the compute dtype)
+        e = self.embed_tokens(ids)
+        return e * torch.tensor(self.cfg.d_model ** 0.5, dtype=e.dtype)
+
+    def forward(self, x, pos, masks, cache=None, start=0):
+        for layer in self.layers:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, pos, masks, use_reentrant=False)
+            else:
+                x = layer(x, pos, masks, cache, start)
+        return self.norm(x)
+
+    def logits(self, h):               # tied head, optional Gemma-2 final soft-capping
+        logits = h @ self.embed_tokens.weight.t()
+        c = self.cfg.final_softcap
+        return torch.tanh(logits / c) * c if c > 0 else logits
+
+# -----------------------------------------------------------------------------
+# 4. Attention masks from per-position kinds (so padded and packed batches work)
+
+KIND_PAD, KIND_TEXT, KIND_GEN, KIND_UND = 0, 1, 2, 3
+
+
+def block_ids(kind, order="random"):
+    """Id of the bidirectional block each position belongs to (0 = none). A block is a maximal run
+    of und slots, or of gen slots in random order; raster-order gen slots stay causal."""
+    bidir = kind == KIND_UND
+    if order == "random":
+        bidir = bidir | (kind == KIND_GEN)
+    prev = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)   # value one position left
+    starts = bidir & (~prev(bidir) | (kind != prev(kind)))
+    return torch.cumsum(starts.int(), 1) * bidir
+
+
+def attention_mask(kind, segment=None, order="random", window=0):
+    """(B, 1, T, T) bool, True = query may attend key. Causal everywhere, plus bidirectional inside
+    an image block; padding is never attended; packed segments never see each other."""
+    B, T = kind.shape
+    i = torch.arange(T, device=kind.device)
+    blk = block_ids(kind, order)
+    allowed = (i[None, :, None] >= i[None, None, :]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] > 0))
+    allowed = allowed & (kind != KIND_PAD)[:, None, :]
+    if segment is not None:
+        allowed = allowed & (segment[:, :, None] == segment[:, None, :])
+    if window > 0:
+        allowed = allowed & ((i[None, :, None] - i[None, None, :]).abs() < window)
+    return (allowed | torch.eye(T, dtype=torch.bool, device=kind.device)).unsqueeze(1)  # pads see themselves
+
+
+def flex_attention_fn(kind, segment=None, order="random", window=0):
+    """The same mask as a FlexAttention block mask (GPU): blocks that are fully masked are skipped
+    and no (B, T, T) tensor is materialised. Returns attn(q, k, v, scale)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, T = kind.shape
+    blk, valid = block_ids(kind, order), kind != KIND_PAD
+    seg = segment if segment is not None else torch.zeros_like(kind)
+
+    def mask_mod(b, h, q, k):
+        ok = ((q >= k) | ((blk[b, q] == blk[b, k]) & (blk[b, q] > 0))) & valid[b, k] & (seg[b, q] == seg[b, k])
+        if window > 0:
+            ok = ok & (q - k < window) & (k - q < window)
+        return ok | (q == k)
+
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=kind.device)
+    return lambda q, k, v, scale: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+
+
+def positions(kind, segment=None):
+    """RoPE positions: count of real tokens before, restarting in each packed segment."""
+    valid = (kind != KIND_PAD).long()
+    pos = torch.cumsum(valid, 1) - valid
+    if segment is not None:
+        first = torch.full_like(pos, 1 << 30).scatter_reduce(1, segment, pos, "amin")
+        pos = pos - first.gather(1, segment)
+    return pos
+
+# -----------------------------------------------------------------------------
+# 5. Understanding encoder: a SigLIP-layout ViT (names follow HF SiglipVisionModel) + projector
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, d, heads, mlp):
+        super().__init__()
+        self.heads = heads
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+        self.self_attn = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, n, nn.Linear(d, d))
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        a, h = self.self_attn, self.layer_norm1(x)
+        q, k, v = (p(h).view(B, T, self.heads, -1).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+        x = x + a.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, n = cfg.vit_width, cfg.num_und_tokens
+        self.embeddings = nn.Module()
+        self.embeddings.patch_embedding = nn.Conv2d(3, d, cfg.vit_patch, stride=cfg.vit_patch)
+        self.embeddings.position_embedding = nn.Embedding(n, d)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(ViTLayer(d, cfg.vit_heads, cfg.vit_mlp) for _ in range(cfg.vit_layers))
+        self.post_layernorm = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, images):         # (B, 3, H, W) in [-1, 1] -> (B, M, vit_width)
+        x = self.embeddings.patch_embedding(images).flatten(2).transpose(1, 2)
+        x = x + self.embeddings.position_embedding.weight
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+# -----------------------------------------------------------------------------
+# 6. Continuous image tokens: VAE latent grid <-> sequence of p*p*C tokens
+
+
+def patchify(latents, p):
+    """(B, C, h, w) -> (B, h/p * w/p, p*p*C), raster order of patches."""
+    B, C, h, w = latents.shape
+    x = latents.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (h // p) * (w // p), p * p * C)
+
+
+def unpatchify(tokens, p, C):
+    B, N, _ = tokens.shape
+    s = int(math.isqrt(N))
+    x = tokens.reshape(B, s, s, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, s * p, s * p)
+
+# -----------------------------------------------------------------------------
+# 7. Random-order masking (MAR) and the raster-order ablation
+
+
+def sample_mask_ratio(generator=None, device="cpu"):
+    """Truncated normal centred at 1.0, std 0.25, on [0.7, 1.0] (MAR), one ratio per step."""
+    while True:
+        r = 1.0 + 0.25 * torch.randn((), generator=generator, device=device).item()
+        if 0.7 <= r <= 1.0:
+            return r
+
+
+def random_orders(B, N, generator=None, device="cpu"):
+    return torch.argsort(torch.rand(B, N, generator=generator, device=device), dim=1)
+
+
+def mask_by_order(num_masked, orders):
+    """Mask (True) the first num_masked slots of each permutation."""
+    mask = torch.zeros_like(orders, dtype=torch.bool)
+    return mask.scatter(1, orders[:, :num_masked], True)
+
+
+def random_masking(B, N, generator=None, device="cpu"):
+    """Training mask: per example a random permutation, per step a ratio in [0.7, 1]."""
+    num_masked = math.ceil(N * sample_mask_ratio(generator, device))
+    return mask_by_order(num_masked, random_orders(B, N, generator, device))
+
+# -----------------------------------------------------------------------------
+# 8. The diffusion head (MAR's diffloss.py): a per-token MLP conditioned on the decoder output z
+
+
+def timestep_embedding(t, dim, max_period=10_000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = t.float()[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], -1)
+
+
+class ResBlock(nn.Module):
+    """LayerNorm -> AdaLN shift/scale -> Linear -> SiLU -> Linear -> gated residual."""
+    def __init__(self, w):
+        super().__init__()
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 3 * w))
+
+    def forward(self, x, c):
+        shift, scale, gate = self.ada(c).chunk(3, -1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class DiffusionHead(nn.Module):
+    def __init__(self, token_dim, cond_dim, width, depth):
+        super().__init__()
+        self.t_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.c_embed = nn.Linear(cond_dim, width)
+        self.x_in = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_dim)
+        for m in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+            nn.init.zeros_(m.weight)   # zero-init modulation and output: the head starts as "predict 0"
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, z):        # noisy token (n, Dt), timestep (n,), condition (n, D) -> eps (n, Dt)
+        c = self.t_embed(timestep_embedding(t, 256)) + self.c_embed(z)
+        h = self.x_in(x)
+        for b in self.blocks:
+            h = b(h, c)
+        shift, scale = self.final_ada(c).chunk(2, -1)
+        return self.out(self.final_norm(h) * (1 + scale) + shift)
+
+
+def cosine_alphas_cumprod(T, s=0.008):
+    """Improved-DDPM cosine schedule (Nichol & Dhariwal), as in MAR's create_diffusion."""
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+class GaussianDiffusion(nn.Module):
+    """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample."""
+    def __init__(self, head, steps=1000):
+        super().__init__()
+        self.head, self.steps = head, steps
+        self.register_buffer("acp", cosine_alphas_cumprod(steps).float(), persistent=False)
+
+    def loss(self, target, z, mul=1):  # target (n, Dt), z (n, D)
+        target, z = target.repeat(mul, 1), z.repeat(mul, 1)
+        t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
+        noise = torch.randn_like(target)
+        a = self.acp[t].unsqueeze(1)
+        x_t = a.sqrt() * target + (1 - a).sqrt() * noise
+        return F.mse_loss(self.head(x_t.to(z.dtype), t, z).float(), noise.float())
+
+    @torch.no_grad()
+    def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None):
+        """z (n, D) -> tokens (n, Dt). With cfg (a float, or a (n/2,) tensor) z holds the conditional
+        rows then the unconditional rows, and n/2 tokens come back, guided as eps_u + cfg (eps_c - eps_u).
+        Respaced ancestral DDPM over num_steps evenly spaced timesteps, noise * temperature (MAR)."""
+        guided = cfg is not None
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        if guided and torch.is_tensor(cfg):
+            cfg = cfg.to(z.device, torch.float32).view(-1, 1)
+        ts = torch.linspace(0, self.steps - 1, num_steps, device=z.device).round().long()
+        acp = self.acp[ts]
+        acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+        x = temperature * torch.randn(n, self.head.out.out_features, generator=generator, device=z.device)
+        for i in reversed(range(num_steps)):
+            a, ap = acp[i], acp_prev[i]
+            xin = torch.cat([x, x]) if guided else x
+            eps = self.head(xin.to(z.dtype), ts[i].expand(xin.shape[0]), z).float()
+            if guided:
+                cond, uncond = eps.chunk(2)
+                eps = uncond + cfg * (cond - uncond)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-10, 10)   # predicted clean token
+            if i == 0:
+                return x0
+            beta = 1 - a / ap                                            # respaced beta
+            mean = (ap.sqrt() * beta * x0 + (1 - ap) * (1 - beta).sqrt() * x) / (1 - a)
+            var = beta * (1 - ap) / (1 - a)                              # posterior variance
+            x = mean + var.sqrt() * temperature * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+# -----------------------------------------------------------------------------
+# 9. UniFluid: batch layout, joint loss
+
+
+class UniFluid(nn.Module):
+    def __init__(self, cfg, tokenizer=None):
+        super().__init__()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        if cfg.vocab_size != self.tokenizer.vocab_size:
+            cfg = replace(cfg, vocab_size=self.tokenizer.vocab_size)
+        self.cfg = cfg
+        D, N = cfg.d_model, cfg.num_image_tokens
+        self.llm = Gemma(cfg)
+        self.vision = VisionEncoder(cfg)
+        self.und_proj = nn.Linear(cfg.vit_width, D)            # ViT features -> und slots
+        self.img_proj = nn.Linear(cfg.token_dim, D)            # continuous token -> gen slot
+        self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
+        self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
+        self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth),
+                                           cfg.diffusion_steps)
+        self.apply(self._init)
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.std() != 0:   # keep the head's zero init
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self, part=None):
+        mod = {"llm": self.llm, "head": self.diffusion, "vision": self.vision}.get(part, self)
+        return sum(p.numel() for p in mod.parameters())
+
+    # ---- sequence layout (SPEC section 1): left-padded, so image blocks and answers end each row
+
+    def layout(self, task, prompt, answer=""):
+        """Token ids and kinds of one example. Returns (ids, kinds, target ids or -100)."""
+        tok, cfg = self.tokenizer, self.cfg
+        p = tok.encode(prompt)[: cfg.max_text_len]
+        und = [(PAD, KIND_UND)] * cfg.num_und_tokens if task in ("caption", "vqa", "edit") else []
+        if task in ("t2i", "edit"):
+            seq = und + [(t, KIND_TEXT) for t in [tok.bos_id] + p + [tok.boi_id]] + [(PAD, KIND_GEN)] * cfg.num_image_tokens
+            return [s[0] for s in seq], [s[1] for s in seq], [-100] * len(seq)
+        a = tok.encode(answer)[: cfg.max_text_len] + [tok.eos_id]
+        text = [tok.bos_id] + p + [tok.sep_id] + a
+        seq = und + [(t, KIND_TEXT) for t in text]
+        targets = [-100] * (len(und) + len(p) + 1) + a + [-100]        # position t predicts token t+1
+        return [s[0] for s in seq], [s[1] for s in seq], targets
+
+    def make_batch(self, tasks, prompts, answers=None, gen_tokens=None, und_images=None):
+        """Left-pad the rows of a mixed batch into tensors. gen_tokens (B, N, Dt) and und_images
+        (B, 3, H, W) are indexed by row; rows that do not use them may hold anything."""
+        answers = answers or [""] * len(tasks)
+        rows = [self.layout(t, p, a) for t, p, a in zip(tasks, prompts, answers)]
+        T = max(len(r[0]) for r in rows)
+        pad = lambda xs, v: [v] * (T - len(xs)) + xs
+        batch = dict(ids=torch.tensor([pad(r[0], PAD) for r in rows]),
+                     kind=torch.tensor([pad(r[1], KIND_PAD) for r in rows]),
+                     targets=torch.tensor([pad(r[2], -100) for r in rows]))
+        gen_rows = torch.tensor([t in ("t2i", "edit") for t in tasks])
+        und_rows = torch.tensor([t in ("caption", "vqa", "edit") for t in tasks])
+        if gen_rows.any() and gen_tokens is not None:
+            batch["gen_tokens"] = gen_tokens[gen_rows]
+        if und_rows.any() and und_images is not None:
+            batch["und_images"] = und_images[und_rows]
+        return batch
+
+    def drop_prompts(self, tasks, prompts, p, generator=None):
+        """Classifier-free guidance training: replace t2i prompts by '' with probability p."""
+        drop = torch.rand(len(tasks), generator=generator) < p
+        return [("" if d and t == "t2i" else s) for t, s, d in zip(tasks, prompts, drop.tolist())]
+
+    # ---- the trunk
+
+    def embed(self, ids, kind, gen_in=None, und_images=None):
+        """Token embeddings with image slots filled in (row-major order of the slots)."""
+        x = self.llm.embed(ids)
+        if und_images is not None:
+            und = self.und_proj(self.vision(und_images.to(x.dtype)))            # (Bu, M, D)
+            x = x.masked_scatter((kind == KIND_UND).unsqueeze(-1), und.to(x.dtype))
+        if gen_in is not None:
+            x = x.masked_scatter((kind == KIND_GEN).unsqueeze(-1), gen_in.to(x.dtype))
+        return x
+
+    def gen_inputs(self, tokens, mask):
+        """Input embeddings of gen slots. Random order: masked slots get [MASK]; raster order: slot i
+        reads token i-1 (slot 0 reads the start embedding) and predicts token i."""
+        if self.cfg.order == "raster":
+            x = self.img_proj(tokens[:, :-1])
+            x = torch.cat([self.mask_token.expand(tokens.shape[0], 1, -1), x], 1)
+        else:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token, self.img_proj(tokens))
+        return x + self.img_pos
+
+    attn_impl = "sdpa"   # "flex" on GPU: FlexAttention block masks (train.py sets it; caches use sdpa)
+
+    def masks(self, kind, segment=None, impl="sdpa"):
+        if impl == "flex" and self.cfg.attn_softcap == 0:
+            g = flex_attention_fn(kind, segment, self.cfg.order)
+            sw = self.cfg.sliding_window
+            return {"global": g, "local": flex_attention_fn(kind, segment, self.cfg.order, sw) if sw else g}
+        m = {"global": attention_mask(kind, segment, self.cfg.order)}
+        m["local"] = attention_mask(kind, segment, self.cfg.order, self.cfg.sliding_window) \
+            if self.cfg.sliding_window > 0 else m["global"]
+        return m
+
+    def forward(self, batch, image_weight=None, generator=None):
+        """Returns dict(loss, loss_image, loss_text); a task absent from the batch contributes 0."""
+        cfg = self.cfg
+        w = cfg.image_weight if image_weight is None else image_weight
+        ids, kind, targets = batch["ids"], batch["kind"], batch["targets"]
+        gen_in, img_mask = None, None
+        if "gen_tokens" in batch:
+            tokens = batch["gen_tokens"].float()
+            B, N, _ = tokens.shape
+            img_mask = random_masking(B, N, generator, tokens.device) if cfg.order == "random" \
+                else torch.ones(B, N, dtype=torch.bool, device=tokens.device)
+            gen_in = self.gen_inputs(tokens, img_mask)
+        h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind, batch.get("segment")),
+                     self.masks(kind, batch.get("segment"), self.attn_impl))
+        zero = h.sum() * 0.0                                     # keeps the graph when a task is absent
+        loss_text, loss_image = zero, zero
+        sel = targets != -100
+        if sel.any():                                            # logits only where there is a target
+            logits = self.llm.logits(h[sel]).float()
+            loss_text = F.cross_entropy(logits, targets[sel])
+        if gen_in is not None:
+            z = h[kind == KIND_GEN].view(tokens.shape[0], tokens.shape[1], -1)
+            loss_image = self.diffusion.loss(tokens[img_mask], z[img_mask], cfg.diffusion_batch_mul)
+        return dict(loss=w * loss_image + (1 - w) * loss_text, loss_image=loss_image.detach(),
+                    loss_text=loss_text.detach())
+
+    # -------------------------------------------------------------------------
+    # 10. Generation
+
+    @torch.no_grad()
+    def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
+                        und_images=None, generator=None, use_cache=True):
+        """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
+        MAR sampling: all N slots start masked; at step k the slots still masked follow
+        cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction.
+        cond and uncond rows run as one batch; the prefix keys/values are computed once."""
+        c, dev = self.cfg, self.llm.embed_tokens.weight.device
+        B, N, guided = len(prompts), c.num_image_tokens, cfg != 1.0
+        task = "edit" if und_images is not None else "t2i"
+        tasks, texts = [task] * B, list(prompts)
+        if guided:                       # uncond rows: the empty prompt (image kept for editing)
+            tasks, texts = tasks * 2, texts + [""] * B
+            und_images = torch.cat([und_images, und_images]) if und_images is not None else None
+        batch = self.make_batch(tasks, texts, und_images=und_images)
+        ids, kind = batch["ids"].to(dev), batch["kind"].to(dev)
+        und = batch["und_images"].to(dev) if "und_images" in batch else None
+        pos, masks = positions(kind), self.masks(kind)
+        P = ids.shape[1] - N                                                   # prefix length
+        cache = None
+        if use_cache:                    # prefix (text, und block) never attends the image block
+            cache = KVCache(c, ids.shape[0], ids.shape[1], dev, self.llm.embed_tokens.weight.dtype)
+            prefix = self.embed(ids[:, :P], kind[:, :P], None, und)
+            self.llm(prefix, pos[:, :P], {k: m[:, :, :P, :P] for k, m in masks.items()}, cache, 0)
+
+        def trunk(gen_in):               # -> z of the image block (rows, N, D)
+            if use_cache:
+                return self.llm(gen_in, pos[:, P:], {k: m[:, :, P:] for k, m in masks.items()}, cache, P)
+            return self.llm(self.embed(ids, kind, gen_in, und), pos, masks)[:, P:]
+
+        tokens = torch.zeros(B, N, c.token_dim, device=dev)
+        mask = torch.ones(B, N, dtype=torch.bool, device=dev)
+        if c.order == "raster":
+            steps, orders = N, torch.arange(N - 1, -1, -1, device=dev).expand(B, N)  # last slots masked longest
+        else:
+            steps, orders = num_iter, random_orders(B, N, generator, dev)
+        for k in range(steps):
+            rows = lambda x: torch.cat([x, x]) if guided else x
+            z = trunk(rows(self.gen_inputs(tokens, mask)))
+            if c.order == "raster":
+                mask_len = N - k - 1
+            else:
+                mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))
+                mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len)) if k < steps - 1 else 0
+            new_mask = mask_by_order(mask_len, orders)
+            reveal = mask & ~new_mask                                              # (B, N)
+            scale = 1 + (cfg - 1) * (N - mask_len) / N                             # linear CFG ramp
+            zr = z[:B][reveal]
+            if guided:
+                zr = torch.cat([zr, z[B:][reveal]])
+            out = self.diffusion.sample(zr, diffusion_steps, temperature, scale if guided else None, generator)
+            tokens = tokens.clone()
+            tokens[reveal] = out.to(tokens.dtype)
+            mask = new_mask
+        return unpatchify(tokens, c.patch_size, c.latent_channels)
+
+    @torch.no_grad()
+    def generate_text(self, und_images, prompts, max_new_tokens=32, temperature=0.0, top_k=None,
+                      generator=None, use_cache=True, return_logits=False):
+        """Captioning / VQA: [und] <bos> prompt <sep> -> answer, greedy (temperature 0) or sampled."""
+        c, tok, dev = self.cfg, self.tokenizer, self.llm.embed_tokens.weight.device
+        B = len(prompts)
+        rows = [self.layout("vqa", p) for p in prompts]
+        rows = [(i[:-1], k[:-1]) for i, k, _ in rows]          # drop the (empty answer's) eos
+        T0 = max(len(r[0]) for r in rows)
+        ids = torch.tensor([[PAD] * (T0 - len(i)) + i for i, _ in rows], device=dev)
+        kind = torch.tensor([[KIND_PAD] * (T0 - len(k)) + k for _, k in rows], device=dev)
+        kind = torch.cat([kind, torch.full((B, max_new_tokens), KIND_TEXT, device=dev)], 1)
+        ids = torch.cat([ids, torch.full((B, max_new_tokens), PAD, device=dev)], 1)
+        pos, masks = positions(kind), self.masks(kind)
+        und = und_images.to(dev)
+        cache = KVCache(c, B, ids.shape[1], dev, self.llm.embed_tokens.weight.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out, all_logits, T = [], [], T0
+        for step in range(max_new_tokens):
+            if use_cache:
+                s = 0 if step == 0 else T - 1
+                x = self.embed(ids[:, s:T], kind[:, s:T], None, und if step == 0 else None)
+                h = self.llm(x, pos[:, s:T], {k: m[:, :, s:T, :T] for k, m in masks.items()}, cache, s)
+            else:
+                x = self.embed(ids[:, :T], kind[:, :T], None, und)
+                h = self.llm(x, pos[:, :T], {k: m[:, :, :T, :T] for k, m in masks.items()})
+            logits = self.llm.logits(h[:, -1]).float()             # last position only
+            all_logits.append(logits)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                lg = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(lg, min(top_k, lg.shape[-1]))
+                    lg = lg.masked_fill(lg < v[:, -1:], float("-inf"))
+                nxt = torch.multinomial(lg.softmax(-1), 1, generator=generator).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
+            out.append(nxt)
+            done = done | (nxt == tok.eos_id)
+            ids[:, T] = nxt
+            T += 1
+            if done.all() or T == ids.shape[1]:
+                break
+        gen = torch.stack(out, 1).tolist()
+        texts = [tok.decode(g[: g.index(tok.eos_id)] if tok.eos_id in g else g) for g in gen]
+        return (texts, torch.stack(all_logits, 1)) if return_logits else texts
+
+# -----------------------------------------------------------------------------
+# 11. FLOPs, for the MFU printed in the training log
+
+
+def estimate_flops_per_example(cfg, task_mix=None):
+    """Training FLOPs of one example, 6 * params * tokens (PaLM / nanoGPT), plus attention, plus the
+    diffusion head that runs diffusion_batch_mul times on every masked gen slot (mask ratio ~0.9)."""
+    task_mix = task_mix or {"t2i": 1.0}
+    D, L = cfg.d_model, cfg.n_layer
+    layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * D + 3 * D * cfg.d_ff
+    w, d = cfg.head_width, cfg.head_depth
+    head = cfg.token_dim * w + D * w + w * w + d * 5 * w * w + 2 * w * w + w * cfg.token_dim
+    vit = cfg.vit_layers * (4 + 2 * cfg.vit_mlp / cfg.vit_width) * cfg.vit_width ** 2 + 3 * cfg.vit_patch ** 2 * cfg.vit_width
+    text = 12                                                    # typical prompt + specials
+    flops = 0.0
+    for task, share in task_mix.items():
+        T = text + (cfg.num_image_tokens if task in ("t2i", "edit") else 0) \
+            + (cfg.num_und_tokens if task in ("caption", "vqa", "edit") else 0)
+        f = 6 * L * layer * T + 12 * L * cfg.n_head * cfg.head_dim * T * T
+        if task in ("t2i", "edit"):
+            f += 6 * head * cfg.num_image_tokens * 0.925 * cfg.diffusion_batch_mul
+        if task != "t2i":
+            f += 6 * vit * cfg.num_und_tokens + 2 * 6 * text * D * cfg.vocab_size / 4
+        flops += share * f
+    return flops
