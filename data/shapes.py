@@ -211,10 +211,14 @@ def prompt_tasks(scene):
     kinds = []
     if len(objs) == 1:
         kinds += ['single_object', 'colors']
-    if len(objs) == 2:
-        kinds += ['two_object', 'color_attr']
-        if clear_relation(*objs):
-            kinds.append('position')
+    if len(objs) == 2:  # as in GenEval, the two named objects differ (same shapes: 'counting')
+        a, b = objs
+        if a.shape != b.shape:
+            kinds.append('two_object')
+            if clear_relation(a, b):
+                kinds.append('position')
+        if (a.color, a.shape) != (b.color, b.shape):
+            kinds.append('color_attr')
     if len(objs) >= 2 and len({o.shape for o in objs}) == 1:
         kinds.append('counting')
     return kinds
@@ -535,6 +539,24 @@ def parse_caption(text):
     return objs, rel
 
 
+def parse_prompt(text):
+    """The spec of any prompt in this dataset's language, so score_image can check free-form prompts:
+    'two circles' -> count 2; a full caption (every object with size and colour) -> exact."""
+    objs, rel = parse_caption(text)
+    words = text.lower().split()
+    spec = {'objects': [dict(o) for o in objs], 'count': None, 'relation': None, 'exact': False}
+    numbers = [w for w in words if w in NUMBERS]
+    if numbers and objs:
+        spec['objects'], spec['count'] = [dict(objs[0])], NUMBERS.index(numbers[0])
+        return spec
+    if rel is not None:  # relation between parsed objects i and j: name them first and second
+        i, j, word = rel
+        spec['objects'] = [dict(objs[i]), dict(objs[j])] + [dict(o) for k, o in enumerate(objs) if k not in (i, j)]
+        spec['relation'] = word
+    spec['exact'] = bool(objs) and all(o['size'] and o['color'] for o in objs)
+    return spec
+
+
 def score_caption(text, scene):
     """Attribute-level accuracy of a generated caption against the true scene, in [0, 1].
 
@@ -594,9 +616,10 @@ def objects_agree(read, truth, pos_tol=0.06):
 def eval_prompts(n_per_task=50, seed=0, split='test', resolution=32, max_objects=None):
     """Held-out text-to-image prompts, n_per_task for each GenEval task.
 
-    Each: {'task', 'prompt', 'spec', 'heldout' (names a HELDOUT_PAIRS combination)}. Prompts come from
-    scenes of the held-out split, so each is drawable at this resolution; for colors / color_attr a
-    third of the prompts are forced to use a held-out colour-shape pair.
+    Each: {'task', 'prompt', 'spec', 'heldout' (names a HELDOUT_PAIRS combination), 'scene' (one
+    scene that satisfies it: a reference image)}. Prompts come from scenes of the held-out split, so
+    each is drawable at this resolution; for colors / color_attr a third of the prompts are forced to
+    use a held-out colour-shape pair.
     """
     max_objects = max_objects or max_objects_for(resolution)
     out = []
@@ -622,7 +645,7 @@ def eval_prompts(n_per_task=50, seed=0, split='test', resolution=32, max_objects
                     break
             prompt, spec = task_prompt(scene, task, rng)
             heldout = any(f'{c} {s}' in prompt for c, s in HELDOUT_PAIRS)
-            out.append({'task': task, 'prompt': prompt, 'spec': spec, 'heldout': heldout})
+            out.append({'task': task, 'prompt': prompt, 'spec': spec, 'heldout': heldout, 'scene': scene})
     return out
 
 
