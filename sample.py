@@ -1,0 +1,247 @@
+"""
+Sample from a trained UniFluid: text-to-image, captioning, question answering and editing.
+
+    python sample.py --prompt "a red circle above a blue square"              # -> out/shapes/sample.png
+    python sample.py --prompt "a red circle" --prompt "two blue squares" --num_images 4   # a row per prompt
+    python sample.py --prompts prompts.txt                                     # one prompt per line
+    python sample.py --image scene.png                                         # prints a caption
+    python sample.py --image scene.png --question "what color is the circle"   # prints the answer
+    python sample.py --image scene.png --edit "make the circle green"          # -> out/shapes/edit.png
+    python sample.py --bench                  # images/s and tokens/s, cache on and off, on this device
+
+Reads out_dir/ckpt.pt written by train.py (EMA weights unless --no-ema). An empty prompt draws an
+unconditional sample; a prompt longer than the model's text length is truncated, with a warning.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+from PIL import Image
+
+from vae import from_pil, save_grid
+
+
+def positive(kind):
+    def check(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return check
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out_dir', default='out/shapes', help="folder (or .pt file) of the checkpoint train.py wrote")
+    p.add_argument('--prompt', action='append', default=[], help="text-to-image prompt (repeatable)")
+    p.add_argument('--prompts', help="file with one prompt per line")
+    p.add_argument('--image', help="input image for captioning, --question or --edit (any image Pillow opens)")
+    p.add_argument('--question', help="with --image: answer this question about it")
+    p.add_argument('--edit', help="with --image: an editing instruction; writes the edited image")
+    p.add_argument('--out', help="PNG to write (default: OUT_DIR/sample.png, or OUT_DIR/edit.png)")
+    p.add_argument('--num_images', type=positive(int), help="images per prompt, drawn as a grid (default 1; --bench: 8)")
+    # image tokens (MAR sampling)
+    p.add_argument('--cfg', type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument('--temperature', type=float, default=1.0, help="noise temperature of the diffusion head")
+    p.add_argument('--num_iter', type=positive(int), default=16, help="reveal steps of random-order sampling")
+    p.add_argument('--diffusion_steps', type=positive(int), default=50, help="respaced DDPM steps per token")
+    # text tokens
+    p.add_argument('--text_temperature', type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument('--top_k', type=positive(int), help="sample among the k most likely tokens")
+    p.add_argument('--max_new_tokens', type=positive(int), help="default: the model's text length (--bench: 64)")
+    # run
+    p.add_argument('--seed', type=int, default=0, help="same seed, same output")
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'],
+                   help="auto = bfloat16 autocast on CUDA, float32 elsewhere")
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    p.add_argument('--no_cache', action='store_true', help="recompute the prefix every step (slow; for checking)")
+    p.add_argument('--bench', action='store_true', help="print images/s and tokens/s with the cache on and off")
+    args = p.parse_args(argv)
+    if (args.question or args.edit is not None) and not args.image:
+        p.error("--question and --edit need --image PATH")
+    if args.question and args.edit is not None:
+        p.error("give --question or --edit, not both")
+    if args.image and (args.prompt or args.prompts):
+        p.error("--prompt is for text-to-image; with --image use --question or --edit")
+    if not (args.prompt or args.prompts or args.image or args.bench):
+        p.error('say what to do: --prompt "a red circle", --prompts FILE, --image PATH or --bench')
+    if args.text_temperature < 0 or args.temperature < 0:
+        p.error("temperatures must be >= 0")
+    return args
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load(args):
+    """-> (model, vae, device, autocast context), or one sentence on why not."""
+    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available() or device == 'mps' and not torch.backends.mps.is_available():
+        fail(f"--device {device} is not available on this machine; use --device cpu")
+    path = os.path.join(args.out_dir, 'ckpt.pt') if not args.out_dir.endswith('.pt') else args.out_dir
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}: train one with `python train.py --out_dir {os.path.dirname(path) or '.'}` "
+             f"or point --out_dir at the folder that holds ckpt.pt")
+    from train import load_checkpoint
+    try:
+        model, vae, _, _ = load_checkpoint(path, device=device, ema=args.ema)
+    except Exception as e:
+        fail(f"cannot load checkpoint {path}: {e}")
+    dtype = args.dtype if args.dtype != 'auto' else 'bfloat16' if device == 'cuda' else 'float32'
+    if dtype == 'bfloat16' and device != 'cuda':   # SPEC 6: bf16 on a CPU without bf16 units is ~500x slower
+        warn(f"bfloat16 autocast is for CUDA; computing in float32 on {device}")
+        dtype = 'float32'
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else contextlib.nullcontext()
+    return model.eval(), vae.eval(), device, amp
+
+
+def read_prompts(args, model):
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding='utf-8') as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read prompts from {args.prompts}: {e}")
+        if not prompts:
+            fail(f"{args.prompts} holds no prompts (one per line)")
+    if '' in prompts:
+        warn("empty prompt: drawing an unconditional sample")
+    return [check_prompt(model, p) for p in prompts]
+
+
+def check_prompt(model, prompt):
+    """Truncate to the model's text length, saying so."""
+    tok, n = model.tokenizer, model.cfg.max_text_len
+    ids = tok.encode(prompt)
+    if len(ids) > n:
+        prompt = tok.decode(ids[:n])
+        warn(f"prompt is {len(ids)} tokens but the model reads at most {n}: truncated to {prompt!r}")
+    return prompt
+
+
+def read_image(path, size):
+    """Any image Pillow opens -> (1, 3, size, size) in [-1, 1], converted and resized as in training."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return from_pil(im, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"cannot read {path} as an image ({type(e).__name__}: {e})")
+
+
+def default_out(args, name):
+    return args.out or os.path.join(args.out_dir if not args.out_dir.endswith('.pt') else os.path.dirname(args.out_dir), name)
+
+
+def save_png(images, rows, path):
+    """images (rows * k, 3, H, W) in [-1, 1] -> one PNG, a row per prompt."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_grid(list(images.float().cpu().chunk(rows)), path)
+    print(path)
+
+
+def text_to_image(model, vae, prompts, k, args, generator, und_images=None):
+    """k images per prompt -> (len(prompts) * k, 3, H, W) in [-1, 1]."""
+    batch = [p for p in prompts for _ in range(k)]
+    und = und_images.expand(len(batch), -1, -1, -1) if und_images is not None else None
+    latents = model.generate_images(batch, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
+                                    und_images=und, generator=generator, use_cache=not args.no_cache)
+    return vae.decode(latents.float())
+
+
+@contextlib.contextmanager
+def no_early_stop(tokenizer):
+    """Decode exactly max_new_tokens tokens (no id equals -1, so no row ever ends): a fixed work size."""
+    tokenizer.eos_id = -1
+    try:
+        yield
+    finally:
+        del tokenizer.eos_id
+
+
+def timed(fn, device):
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def same(a, b):
+    if isinstance(a, list):
+        return "identical" if a == b else "DIFFERENT"
+    d = (a - b).abs().max().item()
+    return "identical" if d == 0 else f"max |diff| {d:.1e}"
+
+
+def bench(model, vae, args, device):
+    c, B = model.cfg, args.num_images or 8
+    prompts = (args.prompt or ["a red circle above a blue square"])[:1] * B
+    new = args.max_new_tokens or 64
+    print(f"bench on {device} ({torch.get_num_threads()} threads), {B} images, {model.num_params() / 1e6:.2f}M params, "
+          f"{c.num_image_tokens} image tokens, seed {args.seed}")
+
+    def t2i(use_cache, batch_cfg=True):
+        g = torch.Generator(device).manual_seed(args.seed)
+        return model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
+                                     generator=g, use_cache=use_cache, batch_cfg=batch_cfg)
+    model.generate_images(prompts[:1], 2, args.cfg, args.temperature, 2)          # warm-up
+    print(f"text-to-image: {args.num_iter} reveal steps x {args.diffusion_steps} diffusion steps, cfg {args.cfg}")
+    ref, t_cache = timed(lambda: t2i(True), device)
+    runs = [("naive: no cache, cond and uncond as separate passes", lambda: t2i(False, batch_cfg=False)),
+            ("no cache, cond and uncond in one batch", lambda: t2i(False))][args.cfg == 1.0:]
+    for name, fn in runs:
+        out, t = timed(fn, device)
+        print(f"  {name:52s} {B / t:8.2f} images/s   (cache is {t / t_cache:.2f}x faster; outputs {same(ref, out)})")
+    print(f"  {'prefix cache, cond and uncond in one batch':52s} {B / t_cache:8.2f} images/s")
+
+    images = vae.decode(ref.float())                                               # caption what we drew
+    print(f"captioning: {new} new tokens (end of text ignored, so every row decodes all {new})")
+    res = {}
+    with no_early_stop(model.tokenizer):
+        for use_cache in (False, True):
+            fn = lambda: model.generate_text(images, [''] * B, new, generator=torch.Generator(device).manual_seed(args.seed),
+                                             use_cache=use_cache)
+            res[use_cache] = timed(fn, device)
+    (off, t_off), (on, t_on) = res[False], res[True]
+    print(f"  {'no cache (recompute the whole sequence)':52s} {B * new / t_off:8.1f} tokens/s")
+    print(f"  {'kv cache':52s} {B * new / t_on:8.1f} tokens/s   ({t_off / t_on:.2f}x faster; outputs {same(on, off)})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, vae, device, amp = load(args)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    size = model.cfg.image_size
+    with torch.no_grad(), amp:
+        if args.bench:
+            return bench(model, vae, args, device)
+        if not args.image:                                                         # text -> image
+            prompts = read_prompts(args, model)
+            images = text_to_image(model, vae, prompts, args.num_images or 1, args, generator)
+            return save_png(images, len(prompts), default_out(args, 'sample.png'))
+        image = read_image(args.image, size).to(device)
+        if args.edit is not None:                                                  # image + instruction -> image
+            images = text_to_image(model, vae, [check_prompt(model, args.edit)], args.num_images or 1, args,
+                                   generator, und_images=image)
+            return save_png(images, 1, default_out(args, 'edit.png'))
+        question = check_prompt(model, args.question or '')                        # '' = caption
+        text = model.generate_text(image, [question], args.max_new_tokens or model.cfg.max_text_len,
+                                   args.text_temperature, args.top_k, generator, use_cache=not args.no_cache)[0]
+        print(text)
+
+
+if __name__ == '__main__':
+    main()
