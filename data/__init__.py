@@ -130,7 +130,7 @@ def text_corpus(name, data_dir=None, n=2000, seed=0):
         out = [' '.join(shapes.WORDS)]  # guarantees full coverage whatever n is
         for i in range(n):
             rng = np.random.default_rng([int(seed), 99, i])
-            res = 32 if i % 2 else 64
+            res = 64 if i % 4 == 0 else 32  # 64 px scenes hold 3-4 objects: 'three', 'four'
             scene = shapes.random_scene(rng, 'test', res)
             kind = i % 4
             if kind == 0:

@@ -116,15 +116,22 @@ def clear_relation(a, b):
     return abs(abs(a.x - b.x) - abs(a.y - b.y)) >= CLEAR
 
 
-def _place(rng, size, others, tries=256):
-    """A random centre (x, y) for an object of this size that keeps clear of the others, or None."""
+def _place(rng, size, others, tries=256, clear=False):
+    """A random centre (x, y) for an object of this size that keeps clear of the others (and with
+    clear=True, in a clear relation to each of them), or None."""
     s = SIZES[size]
     lo, hi = s / 2 + BORDER, 1 - s / 2 - BORDER
+    if not others:
+        x, y = rng.uniform(lo, hi, size=2)
+        return float(x), float(y)
     xy = rng.uniform(lo, hi, size=(tries, 2))  # vectorised rejection sampling
     ok = np.ones(tries, dtype=bool)
     for p in others:
         half = (s + p.side) / 2 + GAP
-        ok &= (np.abs(xy[:, 0] - p.x) >= half) | (np.abs(xy[:, 1] - p.y) >= half)
+        dx, dy = np.abs(xy[:, 0] - p.x), np.abs(xy[:, 1] - p.y)
+        ok &= (dx >= half) | (dy >= half)
+        if clear:
+            ok &= np.abs(dx - dy) >= CLEAR
     k = np.flatnonzero(ok)
     return (float(xy[k[0], 0]), float(xy[k[0], 1])) if len(k) else None
 
@@ -133,7 +140,7 @@ def random_scene(rng, split='train', resolution=32, max_objects=None, n_objects=
     """1..max_objects non-touching objects; a 2-object scene always has a clear relation.
 
     pairs: the (colour, shape) pairs to draw from (default: all pairs allowed in `split`).
-    Two large objects do not fit side by side at the 2-object layout, so they are rarer there.
+    A large object that finds no room becomes small (at 32 px two large objects never fit together).
     """
     max_objects = max_objects or max_objects_for(resolution)
     pairs = pairs or allowed_pairs(split)
@@ -143,9 +150,9 @@ def random_scene(rng, split='train', resolution=32, max_objects=None, n_objects=
         for _ in range(n):
             color, shape = pairs[rng.integers(len(pairs))]
             size = ('small', 'large')[rng.integers(2)]
-            pos = _place(rng, size, objs)
+            pos = _place(rng, size, objs, clear=n == 2)
             if pos is None and size == 'large':  # no room for a large one: try a small one
-                size, pos = 'small', _place(rng, 'small', objs)
+                size, pos = 'small', _place(rng, 'small', objs, clear=n == 2)
             if pos is None:
                 break
             objs.append(Obj(shape, color, size, *pos))
