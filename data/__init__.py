@@ -113,7 +113,9 @@ class ShapesDataset(IterableDataset):
 def build_dataset(name, data_dir=None, split='train', resolution=32, seed=0, tasks=None, rank=0,
                   world_size=1, **kwargs):
     """The IterableDataset train.py reads. name: 'shapes' (embedded, no files) or one of
-    REAL_DATASETS with data_dir (see data/README.md). kwargs go to the dataset class."""
+    REAL_DATASETS with data_dir (see data/README.md). tasks: shares per task, None = the dataset's
+    default. kwargs go to the dataset class: shapes num_samples (None = endless), max_objects,
+    full_caption_prob; real data shuffle, shuffle_buffer, epochs, max_pixels, max_bytes."""
     if name == 'shapes':
         return ShapesDataset(split, resolution, seed, tasks, rank, world_size, **kwargs)
     if name in REAL_DATASETS:

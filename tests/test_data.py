@@ -154,20 +154,22 @@ def test_task_shares_drop_unsupported_tasks():
 
 # ----------------------------------------------------------------------------- real data
 
-def _jpeg(color, size=(48, 40), mode='RGB', fmt='JPEG'):
+def _encode(color, size=(48, 40), mode='RGB', fmt='JPEG', **save):
+    """Bytes of a flat image (48 x 40: not square, so the centre crop runs too)."""
     buf = io.BytesIO()
-    Image.new(mode, size, color).save(buf, fmt)
+    Image.new(mode, size, color).save(buf, fmt, **save)
     return buf.getvalue()
 
 
 # images in every mode the readers must convert, and the RGB they should come out as (about)
 MODES = [
-    (lambda: _jpeg((255, 0, 0)), (255, 0, 0)),
-    (lambda: _jpeg(128, mode='L'), (128, 128, 128)),
-    (lambda: _jpeg((0, 255, 255, 0), mode='CMYK'), (255, 0, 0)),
-    (lambda: _jpeg((0, 0, 255, 0), mode='RGBA', fmt='PNG'), (255, 255, 255)),  # transparent -> white
-    (lambda: _jpeg(3, mode='P', fmt='PNG'), None),
-    (lambda: _jpeg(32768, mode='I;16', fmt='PNG'), (128, 128, 128)),  # 16-bit grey
+    (lambda: _encode((255, 0, 0)), (255, 0, 0)),
+    (lambda: _encode(128, mode='L'), (128, 128, 128)),
+    (lambda: _encode((0, 255, 255, 0), mode='CMYK'), (255, 0, 0)),
+    (lambda: _encode((0, 0, 255, 0), mode='RGBA', fmt='PNG'), (255, 255, 255)),  # transparent -> white
+    (lambda: _encode(3, mode='P', fmt='PNG'), None),
+    (lambda: _encode(0, mode='P', fmt='PNG', transparency=0), (255, 255, 255)),  # transparent palette entry
+    (lambda: _encode(32768, mode='I;16', fmt='PNG'), (128, 128, 128)),  # 16-bit grey
 ]
 
 
@@ -284,11 +286,11 @@ def test_url_only_lists_and_missing_data_dir_point_to_readme(tmp_path):
 def test_bad_samples_are_skipped_counted_and_warned(tmp_path):
     good = _samples(4)
     bad = [('000000100', b'not an image at all', 'corrupt jpeg', None),
-           ('000000101', _jpeg((1, 2, 3), size=(300, 300), fmt='PNG'), 'a decompression bomb', None),
-           ('000000102', _jpeg((1, 2, 3)), '   ', None)]
+           ('000000101', _encode((1, 2, 3), size=(300, 300), fmt='PNG'), 'a decompression bomb', None),
+           ('000000102', _encode((1, 2, 3)), '   ', None)]
     _write_tar(tmp_path / '00000.tar', good[:2] + bad)
     with tarfile.open(tmp_path / '00001.tar', 'w') as tf:  # no caption; a caption that is not UTF-8
-        for name, data in (('000000200.jpg', _jpeg((9, 9, 9))), ('000000201.jpg', _jpeg((9, 9, 9))),
+        for name, data in (('000000200.jpg', _encode((9, 9, 9))), ('000000201.jpg', _encode((9, 9, 9))),
                            ('000000201.txt', 'caf\xe9'.encode('latin-1'))):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -320,7 +322,8 @@ def test_shards_split_disjointly_over_ranks_and_workers(tmp_path):
     assert sorted(seen) == sorted(cap for _, _, cap, _ in samples)  # each sample exactly once
     # an endless train stream goes on epoch after epoch, each a new order of every sample
     stream = iter(build_dataset('wds', str(tmp_path), resolution=16, shuffle_buffer=4))
-    first, second = [[(lambda ex: ex['prompt'] or ex['answer'])(next(stream)) for _ in range(15)] for _ in range(2)]
+    text = lambda ex: ex['prompt'] or ex['answer']
+    first, second = [[text(next(stream)) for _ in range(15)] for _ in range(2)]
     assert sorted(first) == sorted(second) == sorted(cap for _, _, cap, _ in samples) and first != second
 
 
