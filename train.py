@@ -1,0 +1,774 @@
+"""
+Train UniFluid: one decoder that generates images (continuous VAE tokens, a per-token diffusion head)
+and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (SPEC section 3).
+
+Quickstart, CPU or GPU (about 20 minutes on 2 CPU cores, training the shapes VAE first included):
+    python train.py
+Real data with a Stable Diffusion VAE on one GPU:
+    python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --image_weight 0.8
+Several GPUs or nodes (DDP). The global batch is batch_size x grad_accum whatever the process count,
+so these two runs see the same data and compute the same gradients:
+    torchrun --standalone --nproc_per_node 8 train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --grad_accum 8
+    python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --grad_accum 8
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
+Continue a run exactly (same flags as the run unless given again), evaluate it, sample from it:
+    python train.py --init_from resume --out_dir out/shapes
+    python train.py --eval_only --out_dir out/shapes            # -> out/shapes/eval.json
+    python sample.py --out_dir out/shapes
+Fine-tune from another run's weights (e.g. editing only):
+    python train.py --init_from out/shapes/ckpt.pt --tasks edit=1 --max_steps 300 --out_dir out/edit
+
+Read top to bottom: flags -> checkpoints -> data -> optimisation helpers -> samples and evaluation ->
+main (setup -> VAE, tokenizer, model -> init from scratch / resume / a checkpoint -> compile -> DDP -> loop).
+"""
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unifluid import (ByteTokenizer, Config, PRESETS, UniFluid, WordTokenizer, estimate_flops_per_example,
+                      patchify, tokenizer_from_state)
+
+TASKS = ("t2i", "caption", "vqa", "edit")
+
+# -----------------------------------------------------------------------------
+# 1. Flags
+
+
+def fraction(s):
+    x = float(s)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return x
+
+
+def positive_int(s):
+    x = int(s)
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return x
+
+
+def non_negative(kind):
+    def parse(s):
+        x = kind(s)
+        if x < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+        return x
+    return parse
+
+
+def task_shares(s):
+    """'t2i=0.5,caption=0.25,vqa=0.25' -> dict."""
+    out = {}
+    for item in s.split(","):
+        name, _, share = item.partition("=")
+        if name.strip() not in TASKS or not share:
+            raise argparse.ArgumentTypeError(f"expected TASK=SHARE,... with TASK in {', '.join(TASKS)}, got {s!r}")
+        out[name.strip()] = non_negative(float)(share)
+    return out
+
+
+def step_range(s):
+    a, _, b = s.partition(":")
+    return range(int(a), int(b) if b else int(a) + 1)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train UniFluid (joint text-to-image and image understanding).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", help="shapes (built in), cc3m, coco, cc12m: see data/README.md")
+    g.add_argument("--data_dir", default=None, help="where a real dataset lives (shapes needs none)")
+    g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
+    g.add_argument("--tasks", type=task_shares, default=None, help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25")
+    g.add_argument("--t2i", type=non_negative(float), default=0.5, help="share of text-to-image examples")
+    g.add_argument("--caption", type=non_negative(float), default=0.25, help="share of captioning examples")
+    g.add_argument("--vqa", type=non_negative(float), default=0.25, help="share of question answering examples")
+    g.add_argument("--edit", type=non_negative(float), default=0.0, help="share of image editing examples")
+    g.add_argument("--tokenizer", choices=["word", "byte"], default="word",
+                   help="word: vocabulary built from the training texts (short sequences); byte: any text")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(PRESETS), default="small", help="size preset (unifluid.PRESETS)")
+    g.add_argument("--model_args", default="", help="Config overrides, e.g. d_model=256,n_layer=6,patch_size=1")
+    g.add_argument("--image_weight", type=fraction, default=0.9,
+                   help="w in w*L_image + (1-w)*L_text; 1 = generation only, 0 = understanding only")
+    g.add_argument("--order", choices=["random", "raster"], default="random", help="image token order (MAR vs raster AR)")
+    g.add_argument("--vae", default="", help="our vae.pt, sd:DIR or mar:PATH; empty = train/reuse the shapes "
+                                            "VAE at <out_dir>/../vae/vae.pt")
+    g.add_argument("--vae_steps", type=positive_int, default=3000, help="steps when the VAE must be trained first")
+    g.add_argument("--init_from", default="scratch", help="scratch, resume (from <out_dir>/ckpt.pt) or a checkpoint path")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
+    g.add_argument("--grad_accum", type=positive_int, default=None,
+                   help="micro-batches per step over all processes (default: one per process)")
+    g.add_argument("--max_steps", type=positive_int, default=1000, help="optimizer steps (the schedule's length)")
+    g.add_argument("--stop_at", type=non_negative(int), default=0, help="stop (and checkpoint) at this step, keeping "
+                                                                        "the schedule of --max_steps; 0 = run to the end")
+    g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0 = none")
+    g.add_argument("--lr", type=non_negative(float), default=2e-3, help="peak learning rate")
+    g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to lr * this")
+    g.add_argument("--warmup", type=non_negative(int), default=100, help="linear warmup steps")
+    g.add_argument("--weight_decay", type=non_negative(float), default=0.05, help="AdamW decay of >=2-D weights")
+    g.add_argument("--beta2", type=fraction, default=0.95)
+    g.add_argument("--grad_clip", type=non_negative(float), default=1.0, help="clip the global grad norm; 0 = off")
+    g.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used to evaluate and sample; 0 = off")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype; auto = bfloat16 autocast on GPU, float32 on CPU (no fp16: NaNs)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile; auto = on GPU only")
+    g.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing of the decoder blocks")
+    g.add_argument("--out_dir", default="out/shapes")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("logging, samples, evaluation")
+    g.add_argument("--log_interval", type=positive_int, default=10)
+    g.add_argument("--eval_interval", type=positive_int, default=250, help="validation losses and a checkpoint")
+    g.add_argument("--sample_interval", type=positive_int, default=250, help="sample grid and captions")
+    g.add_argument("--eval_n", type=positive_int, default=50, help="held-out prompts per GenEval task (and scenes x2)")
+    g.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt into <out_dir>/eval.json")
+    g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
+    g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--temperature", type=non_negative(float), default=1.0)
+    g.add_argument("--diffusion_steps", type=positive_int, default=50, help="diffusion head steps when sampling")
+    # debugging hooks used by the tests
+    g.add_argument("--dump_grads", default="", help=argparse.SUPPRESS)       # save the first step's gradients
+    g.add_argument("--debug_nan_steps", type=step_range, default=range(0), help=argparse.SUPPRESS)  # "3" or "3:9": NaN loss
+    g.add_argument("--max_bad_steps", type=positive_int, default=5, help=argparse.SUPPRESS)
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    # which flags were typed: a resumed or evaluated run keeps its own flags unless they are given again
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    if args.init_from not in ("scratch", "resume") and not os.path.exists(args.init_from):
+        p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume or a ckpt.pt path)")
+    if args.dataset != "shapes" and not args.eval_only and args.init_from != "resume" \
+            and not (args.data_dir and os.path.isdir(args.data_dir)):
+        p.error(f"--dataset {args.dataset} needs --data_dir pointing to a local copy ({args.data_dir!r} is not "
+                f"a directory); data/README.md says how to get one")
+    return args
+
+
+def task_mix(args):
+    shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASKS}
+    total = sum(shares.values())
+    if total <= 0:
+        raise SystemExit("train.py: error: every task share is 0; give at least one of --t2i --caption --vqa --edit")
+    return {t: s / total for t, s in shares.items() if s > 0}
+
+
+def model_args(s):
+    out = {}
+    fields = Config.__dataclass_fields__
+    for item in filter(None, s.split(",")):
+        k, _, v = item.partition("=")
+        if k not in fields:
+            raise SystemExit(f"train.py: error: --model_args: Config has no field {k!r}")
+        kind = type(fields[k].default)
+        out[k] = (v.lower() in ("1", "true", "yes")) if kind is bool else kind(v)
+    return out
+
+# -----------------------------------------------------------------------------
+# 2. Checkpoints: the uncompiled model (no `_orig_mod.` prefix), written atomically
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
+                                                 for x in np.random.get_state()],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    st = s["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
+    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps)."""
+    ckpt = dict(model=model.state_dict(), ema=ema_model.state_dict() if ema_model is not None else None,
+                optimizer=optimizer.state_dict() if optimizer is not None else None, step=step,
+                config=model.cfg.to_dict(), tokenizer=tokenizer.state_dict(), vae=vae_spec,
+                args={k: v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v)
+                      for k, v in vars(args).items()}, rng=rng_state(), **extra)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)      # a crash mid-write never leaves a torn ckpt.pt
+
+
+def checkpoint_path(path_or_dir):
+    return os.path.join(path_or_dir, "ckpt.pt") if os.path.isdir(path_or_dir) or not path_or_dir.endswith(".pt") \
+        else path_or_dir
+
+
+def read_checkpoint(path_or_dir):
+    path = checkpoint_path(path_or_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
+                                f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path_or_dir, device="cpu", ema=True):
+    """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
+    from vae import load_vae
+    ckpt = read_checkpoint(path_or_dir)
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    model = UniFluid(Config(**ckpt["config"]), tokenizer)
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    spec = ckpt["vae"]
+    if ":" not in spec[:4] and not os.path.exists(spec):
+        raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
+                                f"(python vae.py --out_dir {os.path.dirname(spec)})")
+    return model.to(device).eval(), load_vae(spec, device), tokenizer, ckpt
+
+# -----------------------------------------------------------------------------
+# 3. Data. A step's global batch is grad_accum micro-batches, each read from its own data shard
+# (the dataset's rank/world_size sharding with world_size = grad_accum); process r owns shards
+# r*k .. r*k+k-1. Each micro-batch's random numbers are seeded from (seed, step, shard). So what a step
+# sees and computes depends neither on the number of processes nor on where a run was resumed.
+
+
+def step_seed(seed, step, shard):
+    return (seed * 1_000_003 + step) * 1_009 + shard
+
+
+class ShardStream:
+    """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite)."""
+
+    def __init__(self, args, split, shard, n_shards, start=0, tasks=None):
+        from data import build_dataset
+        self.ds = build_dataset(args.dataset, data_dir=args.data_dir, split=split, resolution=args.resolution,
+                                seed=args.seed, tasks=tasks, rank=shard, world_size=n_shards)
+        self.it = iter(self.ds)
+        if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
+            # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
+            self.it = (self.ds.example(i) for i in itertools.count(shard + start * n_shards, n_shards))
+        else:
+            for _ in range(start):       # exact resume: skip what the run already saw
+                self.next()
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:            # finite dataset: next epoch
+            self.it = iter(self.ds)
+            return next(self.it)
+
+    def take(self, n):
+        return [self.next() for _ in range(n)]
+
+
+def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
+    """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it."""
+    cfg = model.cfg
+    tasks = [e["task"] for e in examples]
+    prompts = model.drop_prompts(tasks, [e["prompt"] for e in examples], cfg_dropout, generator)
+    gen_rows = [i for i, t in enumerate(tasks) if t in ("t2i", "edit")]
+    gen_tokens = None
+    if gen_rows:
+        with torch.no_grad():
+            lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device))
+        tok = patchify(lat.float(), cfg.patch_size)                            # (G, N, Dt)
+        gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
+        gen_tokens[gen_rows] = tok
+    und = torch.stack([e["input_image"] for e in examples])
+    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+# -----------------------------------------------------------------------------
+# 4. Optimisation helpers
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model, args, device_type):
+    # weight decay only on matrices and embeddings; norms, biases and the [MASK] vector are left alone
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda")
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+# dense bf16 tensor-core peaks (FLOP/s); the longest name that matches the device's name wins
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
+                 "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+                 "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def measure_matmul_flops(device, dtype, seconds=1.0):
+    """Best FLOP/s of square matrix products over ~`seconds`: the CPU's (or an unknown GPU's) peak."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device, dtype):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        hits = [k for k in GPU_PEAK_BF16 if k in name]
+        if hits and dtype == torch.bfloat16:
+            return GPU_PEAK_BF16[max(hits, key=len)], f"{name} bf16 table"
+        return measure_matmul_flops(device, dtype), f"{name} measured {dtype}".replace("torch.", "")
+    return measure_matmul_flops(device, torch.float32), "CPU measured float32 matmul"
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+# -----------------------------------------------------------------------------
+# 5. Samples and evaluation (always with the EMA weights)
+
+
+def draw_grid(images, labels, path, cell=96, cols=6):
+    """PNG of images (B, 3, H, W) in [-1, 1], upscaled to `cell` px, each with its text drawn under it."""
+    from PIL import Image, ImageDraw, ImageFont
+    from vae import to_pil
+    font, line_h = ImageFont.load_default(), 11
+    wrapped = [textwrap.wrap(t or "(empty prompt)", width=cell // 6)[:4] for t in labels]
+    text_h = 4 * line_h + 4
+    rows = math.ceil(len(labels) / cols)
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (im, lines) in enumerate(zip(to_pil(images), wrapped)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(im.resize((cell, cell), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+    canvas.save(path)
+
+
+def fixed_examples(args, res, n_prompts=12, n_images=6):
+    """The validation examples every sample interval reuses: text-to-image prompts and (image, question)."""
+    stream = ShardStream(argparse.Namespace(**{**vars(args), "resolution": res}), "val", 0, 1,
+                         tasks={"t2i": 0.5, "caption": 0.25, "vqa": 0.25})
+    prompts, und = [], []
+    for _ in range(2000):
+        e = stream.next()
+        if e["task"] == "t2i" and len(prompts) < n_prompts:
+            prompts.append(e["prompt"])
+        elif e["task"] in ("caption", "vqa") and len(und) < n_images:
+            und.append(e)
+        if len(prompts) == n_prompts and len(und) == n_images:
+            break
+    return prompts, und
+
+
+@torch.no_grad()
+def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
+    g = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(generator_seed)
+    lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps, generator=g)
+    draw_grid(vae.decode(lat).float().cpu(), prompts, path + ".png")
+    if und:
+        texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
+                                    max_new_tokens=model.cfg.max_text_len)
+        with open(path + ".txt", "w") as f:
+            for i, (e, t) in enumerate(zip(und, texts)):
+                f.write(f"[{i}] {e['task']}: {e['prompt'] or '(no prompt)'}\n    model: {t}\n    truth: {e['answer']}\n")
+
+
+@torch.no_grad()
+def val_losses(model, batches, image_weight):
+    """Mean image and text losses over fixed validation batches (fixed seeds: comparable across evals)."""
+    li, lt, ni, nt = 0.0, 0.0, 0, 0
+    for i, batch in enumerate(batches):
+        torch.manual_seed(i)
+        out = model(batch, image_weight=image_weight)
+        if "gen_tokens" in batch:
+            li, ni = li + out["loss_image"].item(), ni + 1
+        if (batch["targets"] != -100).any():
+            lt, nt = lt + out["loss_text"].item(), nt + 1
+    return dict(val_loss_image=round(li / ni, 5) if ni else None, val_loss_text=round(lt / nt, 5) if nt else None)
+
+
+def val_batches(args, model, vae, device, n=8):
+    stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
+    return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
+
+
+@torch.no_grad()
+def evaluate_shapes(model, vae, args, n_per_task, log=print):
+    """The oracle on the held-out split: GenEval-style generation accuracy per task, caption, VQA, edit."""
+    from data import shapes
+    from vae import from_pil
+    res, dev = model.cfg.image_size, model.llm.embed_tokens.weight.device
+    g = torch.Generator(dev).manual_seed(args.seed)
+    gen = lambda texts, und=None: torch.cat([
+        vae.decode(model.generate_images(texts[i:i + 64], args.num_iter, args.cfg, args.temperature,
+                                         args.diffusion_steps, None if und is None else und[i:i + 64], g)).float().cpu()
+        for i in range(0, len(texts), 64)])
+    out = {}
+    prompts = shapes.eval_prompts(n_per_task, seed=args.seed, split="test", resolution=res)
+    images = gen([p["prompt"] for p in prompts])
+    for task in shapes.TASKS:
+        hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts) if p["task"] == task]
+        out[f"gen/{task}"] = sum(hits) / len(hits)
+    out["gen_accuracy"] = sum(out[f"gen/{t}"] for t in shapes.TASKS) / len(shapes.TASKS)
+    log(f"eval: generation {out['gen_accuracy']:.3f} on {len(prompts)} held-out prompts")
+    scenes = shapes.eval_scenes(2 * n_per_task, seed=args.seed, split="test", resolution=res)
+    und = from_pil([s["image"] for s in scenes], res)
+    text = lambda prompts: [t for i in range(0, len(prompts), 128) for t in model.generate_text(
+        und[i:i + 128], prompts[i:i + 128], max_new_tokens=model.cfg.max_text_len)]
+    caps = text([""] * len(scenes))       # captioning reads no prompt (data/__init__.py)
+    out["caption_accuracy"] = sum(shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes)) / len(scenes)
+    answers = text([s["question"] for s in scenes])
+    out["vqa_accuracy"] = sum(shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)) / len(scenes)
+    edited = gen([s["instruction"] for s in scenes], und)
+    out["edit_accuracy"] = sum(shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
+    return out
+
+
+def evaluate(model, vae, args, device, log=print):
+    """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
+    keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
+                                                   "position", "color_attr")),
+            "caption_accuracy", "vqa_accuracy", "edit_accuracy"]
+    out = dict.fromkeys(keys)
+    model.eval()
+    if args.dataset == "shapes":
+        out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
+    out.update(val_losses(model, val_batches(args, model, vae, device), model.cfg.image_weight))
+    return out
+
+# -----------------------------------------------------------------------------
+# 6. main
+
+
+def setup_vae(args, device, is_master, log):
+    """The VAE spec and model. Without --vae: reuse <out_dir>/../vae/vae.pt, or train it there first."""
+    from vae import load_vae, train_vae
+    spec = args.vae
+    if not spec:
+        spec = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), "vae", "vae.pt")
+        if os.path.exists(spec):
+            log(f"vae: reusing {spec} (delete it to retrain, or pass --vae)")
+        elif is_master:
+            from data import build_dataset
+            log(f"vae: no --vae given and none at {spec}: training the {args.dataset} VAE first "
+                f"({args.vae_steps} steps; later runs reuse it)")
+            ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
+                               seed=args.seed, tasks={"t2i": 1.0})
+            train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
+        if dist.is_initialized():
+            dist.barrier()               # the other ranks wait for rank 0's VAE
+    elif ":" not in spec[:4]:
+        spec = os.path.abspath(spec)
+        if not os.path.exists(spec):
+            raise SystemExit(f"train.py: error: --vae {args.vae}: no such file (train one with python vae.py)")
+    return spec, load_vae(spec, device)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ---- distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+    ddp = "RANK" in os.environ
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world = 0, 0, 1
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif ddp:                            # processes sharing a CPU split its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+
+    # ---- eval only: the run's own flags, our sampling flags
+    if args.eval_only:
+        try:
+            model, vae, _, ckpt = load_checkpoint(args.out_dir, device)
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: error: {e}")
+        for k, v in ckpt["args"].items():
+            if k in ("dataset", "data_dir", "resolution", "tasks", "t2i", "caption", "vqa", "edit", "batch_size") \
+                    and k not in args.explicit:
+                setattr(args, k, v)
+        args.resolution = model.cfg.image_size
+        t0 = time.time()
+        with torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext():
+            result = evaluate(model, vae, args, device, log)
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        log(json.dumps({"result": "eval", "step": ckpt["step"], **result, "seconds": round(time.time() - t0, 1)}))
+        return result
+
+    # ---- init: from scratch, resume (this run's checkpoint) or a checkpoint's weights
+    ckpt = None
+    if args.init_from != "scratch":
+        try:
+            ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}")
+    if args.init_from == "resume":       # continue with the run's own flags unless given again
+        for k, v in ckpt["args"].items():
+            if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "dump_grads",
+                                                    "debug_nan_steps", "stop_at", "time_budget"):
+                setattr(args, k, v)
+    args.grad_accum = args.grad_accum or world
+    if args.grad_accum % world:
+        raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
+    mix = task_mix(args)
+    if ckpt is not None:
+        cfg0 = Config(**ckpt["config"])
+        args.resolution = cfg0.image_size
+        if args.vae and args.init_from != "resume" and os.path.abspath(args.vae) != ckpt["vae"]:
+            log(f"warning: --vae {args.vae} differs from the checkpoint's {ckpt['vae']}")
+        args.vae = args.vae or ckpt["vae"]
+    else:
+        args.resolution = args.resolution or Config.preset(args.model).image_size
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    vae_spec, vae = setup_vae(args, device, master, log)
+    vae.requires_grad_(False)
+    if ckpt is not None:
+        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+        cfg = cfg0
+    else:
+        if args.tokenizer == "word":
+            from data import text_corpus
+            # shapes' corpus covers its few dozen words with a few thousand texts; captions need more
+            tokenizer = WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
+                                                        5_000 if args.dataset == "shapes" else 50_000))
+        else:
+            tokenizer = ByteTokenizer()
+        if args.resolution % vae.downsample:
+            raise SystemExit(f"train.py: error: --resolution {args.resolution} is not a multiple of the VAE's "
+                             f"downsampling {vae.downsample}")
+        cfg = Config.preset(args.model, image_size=args.resolution, latent_size=args.resolution // vae.downsample,
+                            latent_channels=vae.latent_channels, **model_args(args.model_args))
+    from dataclasses import replace
+    cfg = replace(cfg, order=args.order, image_weight=args.image_weight)
+    if cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch:
+        raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size} or image "
+                         f"{cfg.image_size} / vit_patch {cfg.vit_patch} does not divide")
+    torch.manual_seed(args.seed)         # every rank builds the same initial weights
+    model = UniFluid(cfg, tokenizer).to(device)
+    cfg = model.cfg                      # vocab_size set from the tokenizer
+    model.llm.checkpointing = args.grad_checkpoint
+    start_step, bad_total = 0, 0
+    if ckpt is not None:
+        weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
+        model.load_state_dict(weights)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
+    optimizer = make_optimizer(model, args, device.type)
+    if args.init_from == "resume":
+        if ema_model is not None and ckpt.get("ema") is not None:
+            ema_model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, bad_total = ckpt["step"], ckpt.get("bad_steps", 0)
+        set_rng_state(ckpt["rng"])
+    del ckpt
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    raw_model = model
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        if device.type == "cuda":
+            model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
+        log("compiling the model (first steps are slow)")
+        model = torch.compile(model)
+    if ddp:                              # find_unused: a micro-batch without some task leaves its parts unused
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # ---- what one step costs, and the device's peak
+    per_rank = args.grad_accum // world
+    global_batch = args.batch_size * args.grad_accum
+    flops_per_step = estimate_flops_per_example(cfg, mix) * global_batch
+    peak, peak_src = peak_flops(device, dtype)
+    log(f"model: {args.model}, {raw_model.num_params() / 1e6:.2f}M params (decoder {raw_model.num_params('llm') / 1e6:.2f}M,"
+        f" head {raw_model.num_params('head') / 1e6:.2f}M, vit {raw_model.num_params('vision') / 1e6:.2f}M), "
+        f"{cfg.num_image_tokens} image tokens of {cfg.token_dim} dims, vocab {cfg.vocab_size}, order {cfg.order}")
+    log(f"data: {args.dataset} {args.resolution}px, tasks {', '.join(f'{t} {s:.2f}' for t, s in mix.items())}; "
+        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} micro-batches over {world} process(es)")
+    log(f"device: {device} {str(dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
+        f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
+
+    # ---- data streams, fixed samples, logs
+    shards = range(rank * per_rank, (rank + 1) * per_rank)
+    if start_step:
+        log(f"resuming at step {start_step}: skipping the {start_step * global_batch} examples already seen")
+    streams = [ShardStream(args, "train", s, args.grad_accum, start_step * args.batch_size, mix) for s in shards]
+    if master:
+        fixed_prompts, fixed_und = fixed_examples(args, args.resolution)
+        vbatches = val_batches(args, raw_model, vae, device)
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if start_step else "w")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    stop_step = min(args.max_steps, args.stop_at or args.max_steps)
+
+    def save(step):
+        if master:
+            save_checkpoint(ckpt_path, raw_model, optimizer, ema_model, step, tokenizer, vae_spec, args,
+                            bad_steps=bad_total)
+
+    stop = {"signal": None}              # SIGINT/SIGTERM: finish the step, checkpoint, exit
+
+    def on_signal(sig, frame):
+        if stop["signal"] is not None:   # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(sig).name
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    from tqdm import tqdm
+    pbar = tqdm(total=stop_step, initial=start_step, disable=not master, dynamic_ncols=True, leave=False)
+    t_start = time.time()
+    train_time, steps_since, tokens_since, bad_in_row = 0.0, 0, 0.0, 0   # since the last log line
+    last = {}
+    step = start_step
+    try:
+        while step < stop_step:
+            t0 = time.time()
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = torch.zeros(5, device=device)  # sums over micro-batches: loss, loss_image, loss_text, tokens, stop
+            for m, (shard, stream) in enumerate(zip(shards, streams)):
+                seed = step_seed(args.seed, step, shard)
+                torch.manual_seed(seed)              # the diffusion head's noise and timesteps
+                g_cpu = torch.Generator().manual_seed(seed)                    # CFG prompt dropout
+                g_dev = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else g_cpu  # masking
+                with ctx:
+                    batch = encode_batch(raw_model, vae, stream.take(args.batch_size), device, g_cpu, cfg.cfg_dropout)
+                if ddp:                      # all-reduce gradients only after the last micro-batch
+                    model.require_backward_grad_sync = m == per_rank - 1
+                with ctx:
+                    out = model(batch, image_weight=args.image_weight, generator=g_dev)
+                if step in args.debug_nan_steps:
+                    out["loss"] = out["loss"] * float("nan")
+                (out["loss"] / per_rank).backward()       # DDP then averages over processes: the global mean
+                stats[:4] += torch.stack([out["loss"].detach().float(), out["loss_image"].float(),
+                                          out["loss_text"].float(), (batch["kind"] != 0).sum().float()])
+            if args.dump_grads and step == start_step and master:
+                torch.save({n: p.grad.detach().cpu().clone() for n, p in raw_model.named_parameters()
+                            if p.grad is not None}, args.dump_grads)
+            stats[4] = float(stop["signal"] is not None or
+                             (args.time_budget > 0 and time.time() - t_start > 60 * args.time_budget))
+            if ddp:
+                dist.all_reduce(stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")).item()
+            loss_v, loss_img, loss_txt = (x / args.grad_accum for x in stats[:3].tolist())
+            ntok, stop_flag = stats[3].item(), stats[4].item() > 0
+            if math.isfinite(loss_v) and math.isfinite(grad_norm):
+                optimizer.step()
+                if ema_model is not None:    # warm-up of the decay (TF's ExponentialMovingAverage num_updates)
+                    update_ema(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
+                bad_in_row = 0
+            else:
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                log(f"step {step}: loss {loss_v} / grad norm {grad_norm} is not finite: step skipped "
+                    f"({bad_in_row} in a row, {bad_total} in all)")
+                if bad_in_row >= args.max_bad_steps:
+                    raise SystemExit(f"train.py: error: the loss was NaN/inf for {bad_in_row} steps in a row (to step "
+                                     f"{step}); stopped without saving, so the last good checkpoint {ckpt_path} is "
+                                     f"intact: lower --lr or raise --warmup, then --init_from resume")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pbar.update(1)
+            train_time += time.time() - t0   # step time only: sampling and evaluation are not counted
+            steps_since += 1
+            tokens_since += ntok
+
+            if master and (step % args.log_interval == 0 or step == stop_step):
+                steps_per_s = steps_since / train_time
+                elapsed = time.time() - t_start
+                last = dict(step=step, loss=loss_v, loss_image=loss_img, loss_text=loss_txt, lr=lr, grad_norm=grad_norm,
+                            tokens_per_s=tokens_since / train_time, steps_per_s=steps_per_s,
+                            mfu=flops_per_step * steps_per_s / (peak * world), elapsed_s=elapsed,
+                            eta_s=(stop_step - step) / steps_per_s, skipped=bad_total)
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
+                pbar.write(f"step {step}/{stop_step} | loss {loss_v:.4f} | img {loss_img:.4f} | txt {loss_txt:.4f} | "
+                           f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tokens_since / train_time / 1e3:.1f}k tok/s | "
+                           f"{steps_per_s:.2f} it/s | MFU {100 * last['mfu']:.1f}% | {fmt_time(elapsed)} elapsed, "
+                           f"eta {fmt_time(last['eta_s'])}")
+                train_time, steps_since, tokens_since = 0.0, 0, 0.0
+            if master and (step % args.sample_interval == 0 or step == stop_step):
+                path = os.path.join(args.out_dir, "samples", f"step_{step:06d}")
+                with ctx:
+                    write_samples(ema_model or raw_model, vae, fixed_prompts, fixed_und, args, path, args.seed)
+            if master and (step % args.eval_interval == 0 or step == stop_step or stop_flag) and not bad_in_row:
+                with ctx:
+                    v = val_losses(ema_model or raw_model, vbatches, args.image_weight)
+                pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
+                log_file.write(json.dumps(dict(step=step, **v)) + "\n")
+                save(step)
+            if stop_flag:
+                why = stop["signal"] or f"the time budget of {args.time_budget} min"
+                log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
+                    f"--out_dir {args.out_dir}")
+                break
+    finally:                             # a library caller gets its own handlers back
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    pbar.close()
+
+    result = {}
+    if master and step == args.max_steps:    # the run is complete: evaluate it
+        t0 = time.time()
+        with ctx:
+            result = evaluate(ema_model or raw_model, vae, args, device, log)
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
+    if master:
+        log_file.close()
+        log(f"samples in {os.path.join(args.out_dir, 'samples')}, checkpoint {ckpt_path}")
+        log(json.dumps({"result": "train", "step": step, "loss": last.get("loss"), "loss_image": last.get("loss_image"),
+                        "loss_text": last.get("loss_text"), "tokens_per_s": last.get("tokens_per_s"),
+                        "mfu": last.get("mfu"), "seconds": round(time.time() - t_start, 1), "skipped": bad_total,
+                        **result, "checkpoint": ckpt_path}))
+    if ddp:
+        dist.barrier()                   # let rank 0 finish its checkpoint and evaluation
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
