@@ -1,0 +1,121 @@
+"""sample.py from the command line, on a tiny checkpoint that train.py writes in seconds.
+
+Bad inputs and what happens (issue 10):
+    no checkpoint in --out_dir        exit 1, "no checkpoint at DIR/ckpt.pt: train one with `python train.py ...`"
+    --image of a non-image file       exit 1, "cannot read PATH as an image (UnidentifiedImageError: ...)"
+    --image of a missing file         exit 1, "cannot read PATH as an image (FileNotFoundError: ...)"
+    a 1x1 image                       resized as in training: a caption
+    prompt longer than max_text_len   truncated, with a warning naming both lengths
+    empty prompt                      an unconditional sample, with a note saying so
+    non-ASCII / emoji prompt          byte fallback of the tokenizer: an image
+    --device tpu, --num_images 0      argparse error (exit 2)
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num_iter", "4", "--diffusion_steps", "5"]   # a few reveal and diffusion steps: seconds on CPU
+# one thread: a tiny model's matmuls gain nothing from two, and lose a lot when the cores are shared
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny model trained for 2 steps by the real train.py, with an untrained VAE (training one takes minutes)."""
+    import torch
+    from vae import AutoencoderKL, VAEConfig, save_vae
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    save_vae(AutoencoderKL(VAEConfig.preset("shapes")), str(d / "vae.pt"))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--vae", d / "vae.pt",
+                        "--max_steps", "100", "--stop_at", "2", "--batch_size", "8", "--out_dir", d / "run",
+                        "--num_iter", "1", "--diffusion_steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    from data.shapes import random_scene, render
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    render(random_scene(np.random.default_rng(0)), 48).save(path)   # not the model's 32 px: resized as in training
+    return path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_text_to_image_grid_and_seed(ckpt, tmp_path):
+    """A row per prompt, --num_images columns, 32 px cells; same seed -> same PNG; --no_cache -> same PNG."""
+    a, b, c, d = (tmp_path / f"{n}.png" for n in "abcd")
+    prompts = ["--prompt", "a red circle above a blue square", "--prompt", "", "--prompt", "un cercle rouge ✨"]
+    p = run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", a, *FAST)
+    assert p.stdout.strip() == str(a)
+    assert "unconditional" in p.stderr
+    assert Image.open(a).size == (2 * 32, 3 * 32)
+    run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", b, *FAST)
+    run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", c, *FAST, "--no_cache")
+    run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", d, *FAST, "--seed", 1)
+    assert np.array_equal(pixels(a), pixels(b)), "same seed must give the same image"
+    assert np.array_equal(pixels(a), pixels(c)), "the prefix cache must not change the image"
+    assert not np.array_equal(pixels(a), pixels(d)), "another seed should give another image"
+
+
+def test_prompts_file_and_default_out(ckpt, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red circle\n\ntwo blue squares\n")
+    p = run("--out_dir", ckpt, "--prompts", f, *FAST)
+    assert p.stdout.strip() == str(ckpt / "sample.png")
+    assert Image.open(ckpt / "sample.png").size == (32, 2 * 32)
+
+
+def test_caption_answer_and_long_prompt(ckpt, scene):
+    """--image prints a caption; with --question an answer; an over-long question is truncated with a warning."""
+    cap = run("--out_dir", ckpt, "--image", scene, "--max_new_tokens", 6)
+    assert cap.stdout.endswith("\n") and cap.stderr == ""
+    q = "what color is the " + "very " * 40 + "big circle"
+    ans = run("--out_dir", ckpt, "--image", scene, "--question", q, "--max_new_tokens", 6)
+    assert "truncated" in ans.stderr and "at most 16" in ans.stderr
+    same = run("--out_dir", ckpt, "--image", scene, "--question", q, "--max_new_tokens", 6, "--no_cache")
+    assert same.stdout == ans.stdout, "the KV cache must not change the answer"
+
+
+def test_edit_writes_image(ckpt, scene, tmp_path):
+    out = tmp_path / "edit.png"
+    p = run("--out_dir", ckpt, "--image", scene, "--edit", "make the circle green", "--out", out, *FAST)
+    assert p.stdout.strip() == str(out) and Image.open(out).size == (32, 32)
+
+
+def test_errors_are_one_sentence(ckpt, tmp_path):
+    p = run("--out_dir", tmp_path / "nothing", "--prompt", "a red circle", ok=False)
+    assert p.returncode == 1 and "no checkpoint" in p.stderr and "python train.py" in p.stderr
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    p = run("--out_dir", ckpt, "--image", not_image, ok=False)
+    assert p.returncode == 1 and "cannot read" in p.stderr and "Traceback" not in p.stderr
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")                 # a 1x1 image is still an image
+    run("--out_dir", ckpt, "--image", tmp_path / "dot.png", "--max_new_tokens", 2)
+    p = run("--out_dir", ckpt, "--prompt", "x", "--device", "tpu", ok=False)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_bench_prints_figures(ckpt):
+    p = run("--out_dir", ckpt, "--bench", "--num_images", 2, "--num_iter", 2, "--diffusion_steps", 2,
+            "--max_new_tokens", 4)
+    out = p.stdout
+    assert out.count("images/s") == 3 and out.count("tokens/s") == 2
+    assert "DIFFERENT" not in out
