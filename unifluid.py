@@ -707,11 +707,12 @@ class UniFluid(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
-                        und_images=None, generator=None, use_cache=True):
+                        und_images=None, generator=None, use_cache=True, batch_cfg=True):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
         cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction.
-        cond and uncond rows run as one batch; the prefix keys/values are computed once."""
+        cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
+        (use_cache). Both switches exist for the naive baseline of `sample.py --bench`."""
         c, dev = self.cfg, self.llm.embed_tokens.weight.device
         B, N, guided = len(prompts), c.num_image_tokens, cfg != 1.0
         task = "edit" if und_images is not None else "t2i"
@@ -733,6 +734,11 @@ class UniFluid(nn.Module):
         def trunk(gen_in):               # -> z of the image block (rows, N, D)
             if use_cache:
                 return self.llm(gen_in, pos[:, P:], {k: m[:, :, P:] for k, m in masks.items()}, cache, P)
+            if guided and not batch_cfg:   # naive: cond and uncond rows as two separate passes
+                half = lambda x, i: x[i * B:(i + 1) * B] if x is not None else None
+                return torch.cat([self.llm(self.embed(half(ids, i), half(kind, i), half(gen_in, i), half(und, i)),
+                                           half(pos, i), {k: half(m, i) for k, m in masks.items()})[:, P:]
+                                  for i in range(2)])
             return self.llm(self.embed(ids, kind, gen_in, und), pos, masks)[:, P:]
 
         tokens = torch.zeros(B, N, c.token_dim, device=dev)
@@ -812,24 +818,28 @@ class UniFluid(nn.Module):
 # 11. FLOPs, for the MFU printed in the training log
 
 
-def estimate_flops_per_example(cfg, task_mix=None):
-    """Training FLOPs of one example, 6 * params * tokens (PaLM / nanoGPT), plus attention, plus the
-    diffusion head that runs diffusion_batch_mul times on every masked gen slot (mask ratio ~0.9)."""
+def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
+    """Training FLOPs of one example (forward + backward = 3x forward = 6 * params * tokens, PaLM /
+    nanoGPT), averaged over the task mix. Counts the decoder (matmuls + attention scores), the tied
+    text head at answer positions, the ViT on und rows, and the diffusion head, which runs
+    diffusion_batch_mul times on every masked gen slot (mean mask ratio of MAR's truncated normal ~0.86)."""
     task_mix = task_mix or {"t2i": 1.0}
-    D, L = cfg.d_model, cfg.n_layer
-    layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * D + 3 * D * cfg.d_ff
-    w, d = cfg.head_width, cfg.head_depth
-    head = cfg.token_dim * w + D * w + w * w + d * 5 * w * w + 2 * w * w + w * cfg.token_dim
-    vit = cfg.vit_layers * (4 + 2 * cfg.vit_mlp / cfg.vit_width) * cfg.vit_width ** 2 + 3 * cfg.vit_patch ** 2 * cfg.vit_width
-    text = 12                                                    # typical prompt + specials
-    flops = 0.0
+    D, hd = cfg.d_model, cfg.head_dim
+    layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 3 * D * cfg.d_ff
+    w = cfg.head_width
+    head = (cfg.token_dim + D + 2 * w) * w + cfg.head_depth * 5 * w * w + 2 * w * w + w * cfg.token_dim
+    vw = cfg.vit_width
+    vit = cfg.vit_layers * (4 * vw * vw + 2 * vw * cfg.vit_mlp) + 3 * cfg.vit_patch ** 2 * vw
+    N, M = cfg.num_image_tokens, cfg.num_und_tokens
+    masked = 0.86 * N if cfg.order == "random" else N
+    total = 0.0
     for task, share in task_mix.items():
-        T = text + (cfg.num_image_tokens if task in ("t2i", "edit") else 0) \
-            + (cfg.num_und_tokens if task in ("caption", "vqa", "edit") else 0)
-        f = 6 * L * layer * T + 12 * L * cfg.n_head * cfg.head_dim * T * T
-        if task in ("t2i", "edit"):
-            f += 6 * head * cfg.num_image_tokens * 0.925 * cfg.diffusion_batch_mul
-        if task != "t2i":
-            f += 6 * vit * cfg.num_und_tokens + 2 * 6 * text * D * cfg.vocab_size / 4
-        flops += share * f
-    return flops
+        gen, und = task in ("t2i", "edit"), task in ("caption", "vqa", "edit")
+        T = text_len + (N if gen else 0) + (M if und else 0)
+        f = 6 * (cfg.n_layer * layer * T + cfg.n_layer * 2 * cfg.n_head * hd * T * T)
+        if gen:
+            f += 6 * head * masked * cfg.diffusion_batch_mul
+        if und:
+            f += 6 * vit * M + 6 * D * cfg.vocab_size * (text_len // 2)
+        total += share * f
+    return total

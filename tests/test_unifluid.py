@@ -1,0 +1,313 @@
+"""The model in unifluid.py: each test is a behaviour the method relies on."""
+import math
+
+import pytest
+import torch
+
+from unifluid import (KIND_GEN, KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
+                      GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
+                      estimate_flops_per_example, patchify, positions, random_masking, unpatchify)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return UniFluid(Config.preset("tiny", **kw))
+
+
+def randomize_head(model):
+    """The head starts at exactly zero output; give it weights so generation tests are not trivial."""
+    with torch.no_grad():
+        for p in model.diffusion.parameters():
+            p.normal_(0, 0.02)
+
+
+def batch_for(model, tasks, prompts, answers=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    gen = torch.randn(len(tasks), c.num_image_tokens, c.token_dim, generator=g)
+    img = torch.rand(len(tasks), 3, c.image_size, c.image_size, generator=g) * 2 - 1
+    return model.make_batch(tasks, prompts, answers, gen, img)
+
+
+def hidden(model, batch, gen_in=None):
+    """Decoder outputs for every position of a batch, with explicit gen-slot inputs."""
+    kind = batch["kind"]
+    if gen_in is None and "gen_tokens" in batch:
+        tokens = batch["gen_tokens"]
+        gen_in = model.gen_inputs(tokens, torch.zeros(tokens.shape[:2], dtype=torch.bool))
+    x = model.embed(batch["ids"], kind, gen_in, batch.get("und_images"))
+    return model.llm(x, positions(kind), model.masks(kind))
+
+
+# ---- attention structure (SPEC section 1)
+
+def test_later_text_token_leaves_earlier_logits_unchanged():
+    m = tiny().eval()
+    b1 = batch_for(m, ["caption"], [""], ["a red circle above a blue square"])
+    b2 = {k: v.clone() for k, v in b1.items()}
+    b2["ids"][0, -3] = 100                                     # change a late text token
+    h1, h2 = m.llm.logits(hidden(m, b1)), m.llm.logits(hidden(m, b2))
+    assert torch.equal(h1[:, :-3], h2[:, :-3]) or torch.allclose(h1[:, :-3], h2[:, :-3], atol=1e-6)
+    assert not torch.allclose(h1[:, -3:], h2[:, -3:], atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_text_never_sees_a_later_image_block(task):
+    m = tiny().eval()
+    b = batch_for(m, [task], ["make the circle green"])
+    text = b["kind"][0] == KIND_TEXT
+    h1 = hidden(m, b)
+    b["gen_tokens"] = b["gen_tokens"] + 5.0                    # a completely different image
+    h2 = hidden(m, b)
+    assert torch.allclose(h1[0, text], h2[0, text], atol=1e-6)
+    assert not torch.allclose(h1[0, ~text], h2[0, ~text], atol=1e-4)
+
+
+def test_image_slots_bidirectional_in_random_order_causal_in_raster():
+    for order in ["random", "raster"]:
+        m = tiny(order=order).eval()
+        b = batch_for(m, ["t2i"], ["a red circle"])
+        N, D = m.cfg.num_image_tokens, m.cfg.d_model
+        gen_in = torch.randn(1, N, D)
+        h1 = hidden(m, b, gen_in)[0, -N:]
+        j = N // 2
+        gen_in2 = gen_in.clone()
+        gen_in2[0, j] += 1.0                                   # perturb the input of slot j
+        changed = (hidden(m, b, gen_in2)[0, -N:] - h1).abs().amax(-1) > 1e-5
+        if order == "random":
+            assert changed.all(), "every slot must see every other slot of its block"
+        else:
+            assert not changed[:j].any() and changed[j:].all(), "raster: slot i sees only slots <= i"
+
+
+def test_und_slots_see_each_other_and_text_sees_und():
+    m = tiny()
+    b = batch_for(m, ["vqa", "t2i"], ["what color is the circle?", "a red circle"], ["red", ""])
+    mask = attention_mask(b["kind"])[:, 0]                     # (B, T, T)
+    und = b["kind"][0] == KIND_UND
+    assert mask[0][und][:, und].all()                          # bidirectional within the und block
+    text = b["kind"][0] == KIND_TEXT
+    assert mask[0][text][:, und].all()                         # text reads the image before it
+    pad = b["kind"] == KIND_PAD
+    keys_pad = mask[1][~pad[1]][:, pad[1]]
+    assert not keys_pad.any()                                  # padding is never attended
+
+
+def test_packed_segments_do_not_see_each_other():
+    kind = torch.tensor([[KIND_TEXT] * 3 + [KIND_UND] * 2 + [KIND_TEXT] * 2])
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    mask = attention_mask(kind, seg)[0, 0]
+    assert not mask[3:, :3].any() and mask[3:5, 3:5].all()
+    assert positions(kind, seg).tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+
+
+def test_flex_attention_matches_sdpa():
+    m = tiny().eval()
+    b = batch_for(m, ["t2i", "vqa", "edit"], ["a red circle", "what shape?", "make it blue"], ["", "circle", ""])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ref = m(b)
+        m.attn_impl = "flex"
+        torch.manual_seed(1)
+        out = m(b)
+    for k in ref:
+        assert torch.allclose(ref[k], out[k], atol=1e-5), k
+
+
+# ---- decoding
+
+def test_kv_cached_text_decoding_matches_full_recomputation():
+    m = tiny().eval()
+    with torch.no_grad():                                      # untrained logits are nearly flat; sharpen them
+        m.llm.embed_tokens.weight.normal_(0, 0.2)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    t1, l1 = m.generate_text(img, ["", "what color is it?"], max_new_tokens=12, return_logits=True)
+    t2, l2 = m.generate_text(img, ["", "what color is it?"], max_new_tokens=12, use_cache=False, return_logits=True)
+    assert t1 == t2
+    assert l1.shape == l2.shape and (l1 - l2).abs().max() < 1e-5
+
+
+def test_image_generation_cache_and_seed():
+    m = tiny().eval()
+    randomize_head(m)
+    run = lambda seed, **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=4, cfg=3.0,
+                                               diffusion_steps=8, generator=torch.Generator().manual_seed(seed), **kw)
+    a, b, c = run(0), run(0, use_cache=False), run(1)
+    C, s = m.cfg.latent_channels, m.cfg.latent_size
+    assert a.shape == (2, C, s, s) and torch.isfinite(a).all()
+    assert (a - b).abs().max() < 1e-4, "prefix KV cache must not change the samples"
+    assert torch.equal(run(0), a), "same seed, same images"
+    assert not torch.allclose(a, c)
+    assert (a - run(0, batch_cfg=False)).abs().max() < 1e-4, "cond+uncond in one batch = separate passes"
+    edit = m.generate_images(["make it blue"], num_iter=4, cfg=2.0, diffusion_steps=4,
+                             und_images=torch.zeros(1, 3, 32, 32))
+    assert edit.shape == (1, C, s, s)
+
+
+def test_raster_generation_runs():
+    m = tiny(order="raster").eval()
+    randomize_head(m)
+    out = m.generate_images(["a red circle"], cfg=2.0, diffusion_steps=4)
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+
+
+# ---- masking and the image loss
+
+def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
+    N = 16
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        frac = random_masking(4, N, g).float().mean(1)
+        assert ((frac >= 0.7 - 1e-6) & (frac <= 1.0)).all()
+        assert (frac == frac[0]).all()                          # one ratio per step, as MAR
+    m = tiny()
+    b = batch_for(m, ["t2i", "t2i"], ["a", "b"])
+    seen = {}
+    original = m.diffusion.loss
+
+    def spy(target, z, mul=1):
+        seen["target"] = target
+        return original(target, z, mul)
+    monkeypatch.setattr(m.diffusion, "loss", spy)
+    g = torch.Generator().manual_seed(3)
+    m(b, generator=g)
+    mask = random_masking(2, N, torch.Generator().manual_seed(3))
+    assert seen["target"].shape[0] == int(mask.sum())
+    assert torch.equal(seen["target"], b["gen_tokens"][mask])
+
+
+# ---- the diffusion head
+
+def test_diffusion_head_is_zero_at_init_and_overfits():
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=8, cond_dim=16, width=64, depth=2)
+    x, z = torch.randn(32, 8), torch.randn(32, 16)
+    assert torch.equal(head(x, torch.randint(0, 1000, (32,)), z), torch.zeros(32, 8))
+    diff = GaussianDiffusion(head)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    target = torch.randn(4, 8)
+    cond = torch.randn(4, 16)
+    losses = []
+    for _ in range(300):
+        loss = diff.loss(target, cond, mul=16)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.7                                     # predicting 0 for unit noise: MSE ~ 1
+    assert sum(losses[-20:]) / 20 < 0.4
+
+
+def test_diffusion_sampler_reproduces_a_conditional_distribution():
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=2, cond_dim=2, width=128, depth=2)
+    diff = GaussianDiffusion(head)
+    means = torch.tensor([[1.5, -1.0], [-1.0, 0.5]])
+    stds = torch.tensor([0.5, 0.15])
+    conds = torch.eye(2)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(800):
+        c = torch.randint(0, 2, (256,))
+        x = means[c] + stds[c, None] * torch.randn(256, 2)
+        loss = diff.loss(x, conds[c])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        s = diff.sample(conds[i].expand(1000, 2), num_steps=50, generator=g)
+        assert (s.mean(0) - means[i]).abs().max() < 0.1, (i, s.mean(0))
+        assert ((s.std(0) / stds[i]) - 1).abs().max() < 0.25, (i, s.std(0))
+    # classifier-free guidance at scale 1 is the conditional sample
+    z_c, z_u = conds[0].expand(100, 2), torch.zeros(100, 2)
+    a = diff.sample(z_c, num_steps=20, generator=torch.Generator().manual_seed(1))
+    b = diff.sample(torch.cat([z_c, z_u]), num_steps=20, cfg=1.0, generator=torch.Generator().manual_seed(1))
+    assert (a - b).abs().max() < 1e-4
+    # temperature scales the spread
+    cold = diff.sample(conds[0].expand(2000, 2), num_steps=50, temperature=0.5, generator=g)
+    assert cold.std(0).mean() < s.std(0).mean() * 5 and cold.std(0).mean() < 0.8 * 0.5
+
+
+# ---- the joint loss and image_weight (SPEC section 3)
+
+@pytest.mark.parametrize("w,tasks", [(1.0, ["caption", "vqa"]), (0.0, ["t2i", "t2i"])])
+def test_absent_side_of_the_loss_gives_zero_gradients(w, tasks):
+    m = tiny()
+    b = batch_for(m, tasks, ["", "what?"] if w == 1.0 else ["a", "b"], ["a red circle", "red"] if w == 1.0 else None)
+    out = m(b, image_weight=w)
+    out["loss"].backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    assert out["loss"].item() == 0.0
+
+
+def test_loss_is_weighted_sum():
+    m = tiny()
+    b = batch_for(m, ["t2i", "vqa"], ["a red circle", "what color?"], ["", "red"])
+    torch.manual_seed(0)
+    out = m(b, image_weight=0.7)
+    assert out["loss_image"] > 0 and out["loss_text"] > 0
+    assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
+
+
+def test_tiny_preset_trains_without_nans():
+    m = tiny()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    b = batch_for(m, ["t2i", "caption", "vqa", "edit"], ["a red circle", "", "what color?", "make it blue"],
+                  ["", "a red circle", "red", ""])
+    first = None
+    for step in range(30):
+        out = m(b, generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(out["loss"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first or (out["loss_text"].item(), out["loss_image"].item())
+    assert out["loss_text"].item() < 0.5 * first[0]
+    assert sum(p.numel() for p in m.parameters()) < 5e6
+
+
+# ---- tokenizers
+
+UNICODE = ["", "a red circle", "héllo wörld", "🙂👍🏽 emoji", "tab\tnew\nline\r\x00\x07", "  two  spaces ",
+           "日本語のテキスト", "mixed: red 🙂 circle, \u200b zero-width", "a" * 300]
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), WordTokenizer.build(["a red circle above a blue square"] * 3)])
+def test_tokenizers_round_trip_any_string(tok):
+    for s in UNICODE:
+        ids = tok.encode(s)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == s
+
+
+def test_word_tokenizer_is_short_on_captions():
+    caps = ["a small red circle above a blue square", "a large green triangle"] * 5
+    tok = WordTokenizer.build(caps)
+    assert len(tok.encode(caps[0])) == 8
+    assert len(ByteTokenizer().encode(caps[0])) == len(caps[0])
+    assert WordTokenizer(tok.state_dict()["words"]).encode(caps[0]) == tok.encode(caps[0])
+
+
+# ---- shapes, presets and FLOPs
+
+def test_gemma2_2b_preset_has_gemma2_parameter_count():
+    cfg = Config.preset("gemma2-2b")
+    with torch.device("meta"):
+        llm = Gemma(cfg)
+    assert sum(p.numel() for p in llm.parameters()) == 2_614_341_888
+
+
+def test_presets_and_patchify():
+    for name in ["tiny", "small", "base", "gemma3-1b"]:
+        Config.preset(name)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        Config.preset("huge")
+    lat = torch.randn(3, 4, 8, 8)
+    tok = patchify(lat, 2)
+    assert tok.shape == (3, 16, 16)
+    assert torch.equal(unpatchify(tok, 2, 4), lat)
+    assert torch.equal(tok[0, 1], lat[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))   # raster order
+    cfg = Config.preset("small")
+    f = estimate_flops_per_example(cfg, {"t2i": 0.5, "caption": 0.5})
+    assert 6 * 2e6 * 20 < f < 6 * 6e6 * 60
