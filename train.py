@@ -32,7 +32,8 @@ import signal
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -89,6 +90,7 @@ def step_range(s):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train UniFluid (joint text-to-image and image understanding).",
+                                usage="python train.py [--flag value ...]   (--help lists every flag)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", help="shapes (built in), cc3m, coco, cc12m: see data/README.md")
@@ -160,18 +162,20 @@ def get_args(argv=None):
     args.explicit = sorted(vars(p.parse_args(argv)))
     if args.init_from not in ("scratch", "resume") and not os.path.exists(args.init_from):
         p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume or a ckpt.pt path)")
-    if args.dataset != "shapes" and not args.eval_only and args.init_from != "resume" \
-            and not (args.data_dir and os.path.isdir(args.data_dir)):
-        p.error(f"--dataset {args.dataset} needs --data_dir pointing to a local copy ({args.data_dir!r} is not "
-                f"a directory); data/README.md says how to get one")
+    if args.dataset != "shapes" and not args.eval_only and args.init_from != "resume" and not (
+            args.data_dir and (os.path.exists(args.data_dir) or any(c in args.data_dir for c in "*?[{"))):
+        p.error(f"--dataset {args.dataset} needs --data_dir pointing to a local copy ({args.data_dir} does not "
+                f"exist); data/README.md says how to get one")
     return args
 
 
 def task_mix(args):
     shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASKS}
+    if args.dataset != "shapes":         # real image-text pairs have no questions or edits (data/README.md)
+        shares = {t: s for t, s in shares.items() if t in ("t2i", "caption")}
     total = sum(shares.values())
     if total <= 0:
-        raise SystemExit("train.py: error: every task share is 0; give at least one of --t2i --caption --vqa --edit")
+        raise SystemExit(f"train.py: error: no task has a positive share for {args.dataset}: give --t2i or --caption")
     return {t: s / total for t, s in shares.items() if s > 0}
 
 
@@ -250,17 +254,32 @@ def load_checkpoint(path_or_dir, device="cpu", ema=True):
 # sees and computes depends neither on the number of processes nor on where a run was resumed.
 
 
+@contextmanager
+def dataset_errors():
+    """A dataset that cannot be read is for the user to fix: one sentence, no traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+
 def step_seed(seed, step, shard):
     return (seed * 1_000_003 + step) * 1_009 + shard
 
 
 class ShardStream:
-    """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite)."""
+    """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
+    A dataset without a validation split validates on its training split with another seed."""
 
     def __init__(self, args, split, shard, n_shards, start=0, tasks=None):
         from data import build_dataset
-        self.ds = build_dataset(args.dataset, data_dir=args.data_dir, split=split, resolution=args.resolution,
-                                seed=args.seed, tasks=tasks, rank=shard, world_size=n_shards)
+        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards)
+        try:
+            self.ds = build_dataset(args.dataset, split=split, seed=args.seed, **kw)
+        except FileNotFoundError:
+            if split == "train":
+                raise
+            self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
         self.it = iter(self.ds)
         if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
             # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
@@ -379,10 +398,9 @@ def draw_grid(images, labels, path, cell=96, cols=6):
     canvas.save(path)
 
 
-def fixed_examples(args, res, n_prompts=12, n_images=6):
+def fixed_examples(args, n_prompts=12, n_images=6):
     """The validation examples every sample interval reuses: text-to-image prompts and (image, question)."""
-    stream = ShardStream(argparse.Namespace(**{**vars(args), "resolution": res}), "val", 0, 1,
-                         tasks={"t2i": 0.5, "caption": 0.25, "vqa": 0.25})
+    stream = ShardStream(args, "val", 0, 1, tasks={"t2i": 0.5, "caption": 0.25, "vqa": 0.25})
     prompts, und = [], []
     for _ in range(2000):
         e = stream.next()
@@ -401,6 +419,10 @@ def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
     lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps, generator=g)
     draw_grid(vae.decode(lat).float().cpu(), prompts, path + ".png")
     if und:
+        inputs = os.path.join(os.path.dirname(path), "inputs.png")   # the images the text file talks about
+        if not os.path.exists(inputs):
+            draw_grid(torch.stack([e["input_image"] for e in und]), [f"[{i}] {e['answer']}" for i, e in enumerate(und)],
+                      inputs)
         texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
                                     max_new_tokens=model.cfg.max_text_len)
         with open(path + ".txt", "w") as f:
@@ -487,8 +509,9 @@ def setup_vae(args, device, is_master, log):
             from data import build_dataset
             log(f"vae: no --vae given and none at {spec}: training the {args.dataset} VAE first "
                 f"({args.vae_steps} steps; later runs reuse it)")
-            ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
-                               seed=args.seed, tasks={"t2i": 1.0})
+            with dataset_errors():
+                ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
+                                   seed=args.seed, tasks={"t2i": 1.0})
             train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
         if dist.is_initialized():
             dist.barrier()               # the other ranks wait for rank 0's VAE
@@ -499,14 +522,10 @@ def setup_vae(args, device, is_master, log):
     return spec, load_vae(spec, device)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # ---- distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+def setup_distributed(args):
+    """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE: one process per GPU (NCCL) or per CPU share (gloo)."""
     ddp = "RANK" in os.environ
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    else:
-        rank, local_rank, world = 0, 0, 1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
@@ -515,28 +534,37 @@ def main(argv=None):
     elif ddp:                            # processes sharing a CPU split its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return ddp, rank, local_rank, world, device
+
+
+def eval_only(args, device, log):
+    """Evaluate <out_dir>/ckpt.pt (EMA weights) with the run's own data flags and these sampling flags."""
+    try:
+        model, vae, _, ckpt = load_checkpoint(args.out_dir, device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    for k in ("dataset", "data_dir", "tasks", "t2i", "caption", "vqa", "edit", "batch_size"):
+        if k not in args.explicit:
+            setattr(args, k, ckpt["args"][k])
+    args.resolution = model.cfg.image_size
+    t0 = time.time()
+    with dataset_errors(), torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext():
+        result = evaluate(model, vae, args, device, log)
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    log(json.dumps({"result": "eval", "step": ckpt["step"], **result, "seconds": round(time.time() - t0, 1)}))
+    return result
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world, device = setup_distributed(args)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-
-    # ---- eval only: the run's own flags, our sampling flags
     if args.eval_only:
-        try:
-            model, vae, _, ckpt = load_checkpoint(args.out_dir, device)
-        except FileNotFoundError as e:
-            raise SystemExit(f"train.py: error: {e}")
-        for k, v in ckpt["args"].items():
-            if k in ("dataset", "data_dir", "resolution", "tasks", "t2i", "caption", "vqa", "edit", "batch_size") \
-                    and k not in args.explicit:
-                setattr(args, k, v)
-        args.resolution = model.cfg.image_size
-        t0 = time.time()
-        with torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext():
-            result = evaluate(model, vae, args, device, log)
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        log(json.dumps({"result": "eval", "step": ckpt["step"], **result, "seconds": round(time.time() - t0, 1)}))
-        return result
+        return eval_only(args, device, log)
 
     # ---- init: from scratch, resume (this run's checkpoint) or a checkpoint's weights
     ckpt = None
@@ -573,8 +601,9 @@ def main(argv=None):
         if args.tokenizer == "word":
             from data import text_corpus
             # shapes' corpus covers its few dozen words with a few thousand texts; captions need more
-            tokenizer = WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
-                                                        5_000 if args.dataset == "shapes" else 50_000))
+            with dataset_errors():
+                tokenizer = WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
+                                                            5_000 if args.dataset == "shapes" else 50_000))
         else:
             tokenizer = ByteTokenizer()
         if args.resolution % vae.downsample:
@@ -582,8 +611,8 @@ def main(argv=None):
                              f"downsampling {vae.downsample}")
         cfg = Config.preset(args.model, image_size=args.resolution, latent_size=args.resolution // vae.downsample,
                             latent_channels=vae.latent_channels, **model_args(args.model_args))
-    from dataclasses import replace
-    cfg = replace(cfg, order=args.order, image_weight=args.image_weight)
+    order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
+    cfg = replace(cfg, order=order, image_weight=args.image_weight)
     if cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch:
         raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size} or image "
                          f"{cfg.image_size} / vit_patch {cfg.vit_patch} does not divide")
@@ -634,10 +663,12 @@ def main(argv=None):
     shards = range(rank * per_rank, (rank + 1) * per_rank)
     if start_step:
         log(f"resuming at step {start_step}: skipping the {start_step * global_batch} examples already seen")
-    streams = [ShardStream(args, "train", s, args.grad_accum, start_step * args.batch_size, mix) for s in shards]
+    with dataset_errors():
+        streams = [ShardStream(args, "train", s, args.grad_accum, start_step * args.batch_size, mix) for s in shards]
+        if master:
+            fixed_prompts, fixed_und = fixed_examples(args)
+            vbatches = val_batches(args, raw_model, vae, device)
     if master:
-        fixed_prompts, fixed_und = fixed_examples(args, args.resolution)
-        vbatches = val_batches(args, raw_model, vae, device)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if start_step else "w")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
