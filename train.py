@@ -8,13 +8,14 @@ Real data with a Stable Diffusion VAE on one GPU:
     python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --image_weight 0.8
 Several GPUs or nodes (DDP). The global batch is batch_size x grad_accum whatever the process count,
 so these two runs see the same data and compute the same gradients:
-    torchrun --standalone --nproc_per_node 8 train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --grad_accum 8
-    python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --grad_accum 8
+    torchrun --standalone --nproc_per_node 8 train.py --dataset cc3m --data_dir DIR --model base --vae sd:V \
+        --grad_accum 8
+    python train.py --dataset cc3m --data_dir DIR --model base --vae sd:V --grad_accum 8
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
 Continue a run exactly (same flags as the run unless given again), evaluate it, sample from it:
     python train.py --init_from resume --out_dir out/shapes
     python train.py --eval_only --out_dir out/shapes            # -> out/shapes/eval.json
-    python sample.py --out_dir out/shapes
+    python sample.py --out_dir out/shapes --prompt "a red circle above a blue square"
 Fine-tune from another run's weights (e.g. editing only):
     python train.py --init_from out/shapes/ckpt.pt --tasks edit=1 --max_steps 300 --out_dir out/edit
 
@@ -96,7 +97,8 @@ def build_parser():
     g.add_argument("--dataset", default="shapes", help="shapes (built in), cc3m, coco, cc12m: see data/README.md")
     g.add_argument("--data_dir", default=None, help="where a real dataset lives (shapes needs none)")
     g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
-    g.add_argument("--tasks", type=task_shares, default=None, help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25")
+    g.add_argument("--tasks", type=task_shares, default=None,
+                   help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25 (overrides the four below)")
     g.add_argument("--t2i", type=non_negative(float), default=0.5, help="share of text-to-image examples")
     g.add_argument("--caption", type=non_negative(float), default=0.25, help="share of captioning examples")
     g.add_argument("--vqa", type=non_negative(float), default=0.25, help="share of question answering examples")
@@ -108,31 +110,31 @@ def build_parser():
     g.add_argument("--model_args", default="", help="Config overrides, e.g. d_model=256,n_layer=6,patch_size=1")
     g.add_argument("--image_weight", type=fraction, default=0.9,
                    help="w in w*L_image + (1-w)*L_text; 1 = generation only, 0 = understanding only")
-    g.add_argument("--order", choices=["random", "raster"], default="random", help="image token order (MAR vs raster AR)")
+    g.add_argument("--order", choices=["random", "raster"], default="random", help="image token order: MAR or raster")
     g.add_argument("--vae", default="", help="our vae.pt, sd:DIR or mar:PATH; empty = train/reuse the shapes "
                                             "VAE at <out_dir>/../vae/vae.pt")
     g.add_argument("--vae_steps", type=positive_int, default=3000, help="steps when the VAE must be trained first")
-    g.add_argument("--init_from", default="scratch", help="scratch, resume (from <out_dir>/ckpt.pt) or a checkpoint path")
+    g.add_argument("--init_from", default="scratch", help="scratch, resume (<out_dir>/ckpt.pt) or a checkpoint path")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
                    help="micro-batches per step over all processes (default: one per process)")
     g.add_argument("--max_steps", type=positive_int, default=1000, help="optimizer steps (the schedule's length)")
-    g.add_argument("--stop_at", type=non_negative(int), default=0, help="stop (and checkpoint) at this step, keeping "
-                                                                        "the schedule of --max_steps; 0 = run to the end")
-    g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0 = none")
+    g.add_argument("--stop_at", type=non_negative(int), default=0,
+                   help="stop (and checkpoint) at this step, keeping the schedule of --max_steps; 0 = run to the end")
+    g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0: none")
     g.add_argument("--lr", type=non_negative(float), default=2e-3, help="peak learning rate")
     g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup", type=non_negative(int), default=100, help="linear warmup steps")
     g.add_argument("--weight_decay", type=non_negative(float), default=0.05, help="AdamW decay of >=2-D weights")
     g.add_argument("--beta2", type=fraction, default=0.95)
     g.add_argument("--grad_clip", type=non_negative(float), default=1.0, help="clip the global grad norm; 0 = off")
-    g.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights used to evaluate and sample; 0 = off")
+    g.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights that evaluate and sample; 0: off")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto = bfloat16 autocast on GPU, float32 on CPU (no fp16: NaNs)")
-    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile; auto = on GPU only")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile; auto: GPU only")
     g.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing of the decoder blocks")
     g.add_argument("--out_dir", default="out/shapes")
     g.add_argument("--seed", type=int, default=0)
@@ -140,7 +142,7 @@ def build_parser():
     g.add_argument("--log_interval", type=positive_int, default=10)
     g.add_argument("--eval_interval", type=positive_int, default=250, help="validation losses and a checkpoint")
     g.add_argument("--sample_interval", type=positive_int, default=250, help="sample grid and captions")
-    g.add_argument("--eval_n", type=positive_int, default=50, help="held-out prompts per GenEval task (and scenes x2)")
+    g.add_argument("--eval_n", type=positive_int, default=50, help="held-out prompts per GenEval task (2x scenes)")
     g.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt into <out_dir>/eval.json")
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
@@ -148,7 +150,7 @@ def build_parser():
     g.add_argument("--diffusion_steps", type=positive_int, default=50, help="diffusion head steps when sampling")
     # debugging hooks used by the tests
     g.add_argument("--dump_grads", default="", help=argparse.SUPPRESS)       # save the first step's gradients
-    g.add_argument("--debug_nan_steps", type=step_range, default=range(0), help=argparse.SUPPRESS)  # "3" or "3:9": NaN loss
+    g.add_argument("--debug_nan_steps", type=step_range, default=range(0), help=argparse.SUPPRESS)  # "3", "3:9"
     g.add_argument("--max_bad_steps", type=positive_int, default=5, help=argparse.SUPPRESS)
     return p
 
@@ -421,13 +423,14 @@ def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
     if und:
         inputs = os.path.join(os.path.dirname(path), "inputs.png")   # the images the text file talks about
         if not os.path.exists(inputs):
-            draw_grid(torch.stack([e["input_image"] for e in und]), [f"[{i}] {e['answer']}" for i, e in enumerate(und)],
-                      inputs)
+            draw_grid(torch.stack([e["input_image"] for e in und]),
+                      [f"[{i}] {e['answer']}" for i, e in enumerate(und)], inputs)
         texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
                                     max_new_tokens=model.cfg.max_text_len)
         with open(path + ".txt", "w") as f:
             for i, (e, t) in enumerate(zip(und, texts)):
-                f.write(f"[{i}] {e['task']}: {e['prompt'] or '(no prompt)'}\n    model: {t}\n    truth: {e['answer']}\n")
+                f.write(f"[{i}] {e['task']}: {e['prompt'] or '(no prompt)'}\n"
+                        f"    model: {t}\n    truth: {e['answer']}\n")
 
 
 @torch.no_grad()
@@ -651,8 +654,8 @@ def main(argv=None):
     global_batch = args.batch_size * args.grad_accum
     flops_per_step = estimate_flops_per_example(cfg, mix) * global_batch
     peak, peak_src = peak_flops(device, dtype)
-    log(f"model: {args.model}, {raw_model.num_params() / 1e6:.2f}M params (decoder {raw_model.num_params('llm') / 1e6:.2f}M,"
-        f" head {raw_model.num_params('head') / 1e6:.2f}M, vit {raw_model.num_params('vision') / 1e6:.2f}M), "
+    n = lambda part=None: f"{raw_model.num_params(part) / 1e6:.2f}M"
+    log(f"model: {args.model}, {n()} params (decoder {n('llm')}, head {n('head')}, vit {n('vision')}), "
         f"{cfg.num_image_tokens} image tokens of {cfg.token_dim} dims, vocab {cfg.vocab_size}, order {cfg.order}")
     log(f"data: {args.dataset} {args.resolution}px, tasks {', '.join(f'{t} {s:.2f}' for t, s in mix.items())}; "
         f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} micro-batches over {world} process(es)")
