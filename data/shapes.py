@@ -467,21 +467,27 @@ def _features(a):
     return out
 
 
-def read_objects(image, min_area=0.2):
+def read_objects(image, min_area=0.2, strict=False):
     """Read an image back into Obj's (sorted left to right).
 
     Foreground: coverage (chroma / palette chroma) above 0.5; one object per 4-connected component
     larger than `min_area` times the smallest object's area (drops specks of noise). Shape from the
     blur-invariant cumulants of the coverage: a triangle's is skewed towards its apex; a square's
     marginals are flatter (fourth cumulant / area^2 = -1/120) than a circle's (-1/(16 pi^2)).
+    strict: like a detector, see only flat-coloured blobs no larger than the largest shape, and return
+    None when over 5% of the image is foreground that no object explains (noise, smears).
     """
     a = _to_uint8(image).astype(np.float32)
     res = a.shape[0]
     smallest = 0.5 * (SIZES['small'] * res) ** 2  # a small triangle
-    objs = []
+    largest = 1.3 * (SIZES['large'] * res) ** 2   # a large square, with a blurred rim
+    objs, explained = [], 0
     for ys, xs, area, skew, kurt, rgb in _features(a):
         if len(ys) < min_area * smallest:
             continue
+        if strict and (len(ys) > largest or _hue_spread(a[ys, xs]) > 20):
+            continue
+        explained += len(ys)
         w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
         if skew / area ** 1.5 < -0.01:  # upright triangle: -(2 ** 1.5) / 135 = -0.021
             shape = 'triangle'
@@ -490,7 +496,26 @@ def read_objects(image, min_area=0.2):
         size = 'small' if max(w, h) / res < sum(SIZES.values()) / 2 else 'large'
         objs.append(Obj(shape, _hue_name(rgb), size,
                         float((xs.min() + xs.max() + 1) / 2 / res), float((ys.min() + ys.max() + 1) / 2 / res)))
+    if strict:
+        chroma = a.max(-1) - a.min(-1)
+        foreground = (chroma / min(max(c) - min(c) for c in PALETTE.values()) > 0.5).sum()
+        if foreground - explained > 0.05 * res * res:
+            return None
     return sorted(objs, key=lambda o: (o.x, o.y))
+
+
+def _hue_spread(pixels):
+    """Mean angular distance (degrees) of the pixels' hues from their circular mean: ~0 for a flat
+    colour, ~90 for noise."""
+    rgb = pixels / 255.0
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    d = np.maximum(mx - mn, 1e-6)
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60
+    ang = np.deg2rad(h)
+    mean = np.arctan2(np.sin(ang).mean(), np.cos(ang).mean())
+    diff = np.abs((ang - mean + np.pi) % (2 * np.pi) - np.pi)
+    return float(np.rad2deg(diff).mean())
 
 
 def _matches(o, want):
@@ -517,8 +542,10 @@ def satisfies(objs, spec):
 
 
 def score_image(image, spec):
-    """GenEval-style: does a generated image satisfy its prompt's spec?"""
-    return satisfies(read_objects(image), spec)
+    """GenEval-style: does a generated image satisfy its prompt's spec? Noise or smeared colour fails,
+    as it would for GenEval's detector (read_objects(strict=True))."""
+    objs = read_objects(image, strict=True)
+    return objs is not None and satisfies(objs, spec)
 
 
 def parse_caption(text):

@@ -336,3 +336,13 @@ def test_tsv_records_split_disjointly(tmp_path):
                                           rank=r, world_size=3, epochs=1))) for r in range(3)]
     assert all(len(p) == 3 for p in parts)
     assert sorted(sum(parts, [])) == sorted(c for _, _, c, _ in samples)
+
+
+def test_score_image_rejects_noise_like_a_detector_would():
+    """Random pixels contain blobs of every shape and colour; a detector sees no object there."""
+    rng = np.random.default_rng(0)
+    prompts = S.eval_prompts(10, seed=0)
+    noise = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in prompts]
+    grey_noise = [np.clip(128 + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8) for _ in prompts]
+    assert not any(S.score_image(im, p['spec']) for im, p in zip(noise + grey_noise, prompts + prompts))
+    assert S.read_objects(noise[0], strict=True) is None
