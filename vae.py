@@ -14,6 +14,7 @@ Use it:
     images = vae.decode(z)                    # -> (B,3,H,W) in [-1,1]
 """
 
+import itertools
 import json
 import math
 import os
@@ -47,7 +48,8 @@ class VAEConfig:
         presets = {
             # ours: 32 px shapes -> 8x8x4 latents; small enough to train on a 2-core CPU in minutes.
             # scale_factor is a placeholder until train_vae measures it on data.
-            'shapes': dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+            # (0.7M params, ~0.18 GFLOP per image forward: widths 16/32/64 at 32/16/8 px)
+            'shapes': dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4,
                            norm_groups=8, scale_factor=1.0),
             # Stable Diffusion 1.x (and sd-vae-ft-mse): 8x down, 4 channels
             'sd': dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
@@ -403,13 +405,20 @@ def save_grid(rows, path):
     to_pil(grid)[0].save(path)
 
 
+@torch.no_grad()
+def save_reconstructions(vae, images, path):
+    """PNG with originals on top and their reconstructions below: the first thing to look at."""
+    device = next(vae.parameters()).device
+    save_grid([images, vae.decode(vae.encode(images.to(device))).cpu()], path)
+
+
 # -----------------------------------------------------------------------------
 # training our own VAE
 
 def image_batches(dataset, batch_size):
     """Endless (B, 3, H, W) batches from `dataset`, re-iterated when it runs out. Items may be image
-    tensors (3, H, W) or data/ example dicts: we take 'output_image' (the generated image for
-    text-to-image and editing) and fall back to 'input_image' (understanding tasks)."""
+    tensors (3, H, W) or data/ example dicts, whose unused image slot is zeros: we take
+    'output_image' for the generation tasks (t2i, edit) and 'input_image' for the others."""
     batch = []
     while True:
         n_seen = 0
@@ -417,10 +426,7 @@ def image_batches(dataset, batch_size):
             n_seen += 1
             img = item
             if isinstance(item, dict):
-                img = item.get('output_image')
-                img = item.get('input_image') if img is None else img
-            if img is None:
-                continue
+                img = item['output_image' if item.get('task', 't2i') in ('t2i', 'edit') else 'input_image']
             batch.append(img)
             if len(batch) == batch_size:
                 yield torch.stack(batch)
@@ -444,8 +450,8 @@ def evaluate_psnr(vae, batches, device):
     return sum(scores) / len(scores)
 
 
-def train_vae(dataset, out_dir, steps=3000, batch_size=32, lr=2e-3, device='cpu', log=print,
-              config=None, eval_dataset=None, kl_weight=1e-6, seed=0):
+def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu', log=print,
+              config=None, eval_dataset=None, kl_weight=1e-6, seed=0, eval_every=250):
     """Train a VAE on `dataset` (see image_batches), measure its scale factor, save out_dir/vae.pt."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -457,7 +463,7 @@ def train_vae(dataset, out_dir, steps=3000, batch_size=32, lr=2e-3, device='cpu'
     log(f"vae: {n_params / 1e6:.2f}M params, images {tuple(first.shape[1:])} -> latents "
         f"{(config.latent_channels, first.shape[2] // config.downsample, first.shape[3] // config.downsample)}")
     # held-out images when given; otherwise we can only report PSNR on training images
-    eval_batches = list(_take(image_batches(eval_dataset, batch_size), max(1, 256 // batch_size))) \
+    eval_batches = list(itertools.islice(image_batches(eval_dataset, batch_size), max(1, 256 // batch_size))) \
         if eval_dataset is not None else [first]
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, min(200, steps // 20))
@@ -484,6 +490,11 @@ def train_vae(dataset, out_dir, steps=3000, batch_size=32, lr=2e-3, device='cpu'
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             pbar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3g}")
+        if eval_every and step > 0 and step % eval_every == 0:  # watch quality while it trains
+            # (the scale factor is not measured yet, but PSNR of decode(encode(x)) does not depend on it)
+            pbar.write(f"step {step}: PSNR {evaluate_psnr(vae, eval_batches, device):.2f} dB, "
+                       f"{time.time() - t0:.0f}s")
+            save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, 'reconstructions.png'))
 
     # SD's recipe: scale latents by 1/std measured on training data, so the generator sees ~unit variance
     vae.eval()
@@ -491,19 +502,13 @@ def train_vae(dataset, out_dir, steps=3000, batch_size=32, lr=2e-3, device='cpu'
         latents = torch.cat([vae.posterior(next(batches).to(device))[0].cpu() for _ in range(8)])
     config.scale_factor = 1.0 / latents.std().item()
     score = evaluate_psnr(vae, eval_batches, device)
-    x = eval_batches[0][:8]
-    save_grid([x, vae.decode(vae.encode(x.to(device))).cpu()], os.path.join(out_dir, 'reconstructions.png'))
+    save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, 'reconstructions.png'))
     save_vae(vae, os.path.join(out_dir, 'vae.pt'))
     which = 'held-out' if eval_dataset is not None else 'train'
     log(f"vae: {steps} steps in {time.time() - t0:.0f}s, {which} PSNR {score:.2f} dB, "
         f"scale_factor {config.scale_factor:.4f}, saved {os.path.join(out_dir, 'vae.pt')}")
-    vae.psnr = score
+    vae.psnr = score  # held-out (or train) PSNR, for the caller's log
     return vae
-
-
-def _take(iterator, n):
-    for _ in range(n):
-        yield next(iterator)
 
 
 def main():
@@ -514,18 +519,24 @@ def main():
     p.add_argument('--out_dir', default='out/vae')
     p.add_argument('--preset', default='shapes', help='VAEConfig preset to train')
     p.add_argument('--resolution', type=int, default=32)
-    p.add_argument('--steps', type=int, default=3000)
+    p.add_argument('--steps', type=int, default=800)
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--kl_weight', type=float, default=1e-6)
     p.add_argument('--device', default='cpu')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=0,
+                   help="torch CPU threads (0 = torch's default). On a CPU shared with other jobs, "
+                        "1 avoids OpenMP threads spin-waiting on each other (5-10x slower steps)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from data import build_dataset  # lazy: vae.py itself must not need data/
-    kw = dict(data_dir=args.data_dir, resolution=args.resolution, seed=args.seed)
+    # t2i examples only: every one carries a real image (in other tasks one image slot is zeros)
+    kw = dict(data_dir=args.data_dir, resolution=args.resolution, seed=args.seed, tasks={'t2i': 1.0})
     train = build_dataset(args.dataset, split='train', **kw)
-    held_out = build_dataset(args.dataset, split='test', **kw)
+    held_out = build_dataset(args.dataset, split='val', **kw)  # distinct seeds (and unseen pairs)
     t0 = time.time()
     vae = train_vae(train, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     device=args.device, config=VAEConfig.preset(args.preset), eval_dataset=held_out,
