@@ -264,16 +264,20 @@ def load_vae(spec, device='cpu', **overrides):
     overrides: VAEConfig fields that weights cannot tell (e.g. norm_groups, scale_factor)."""
     if spec.startswith('sd:'):
         state, cfg = _read_diffusers(spec[3:])
+        cfg = {**_infer_config(state), **cfg}
     elif spec.startswith('mar:'):
         ckpt = torch.load(spec[4:], map_location='cpu', weights_only=True)
         state = _ldm_to_diffusers(ckpt.get('model', ckpt.get('state_dict', ckpt)))
-        cfg = dict(scale_factor=0.2325)  # MAR's KL-16 factor
+        cfg = {**_infer_config(state), 'scale_factor': 0.2325}  # MAR's KL-16 factor
     else:
         ckpt = torch.load(spec, map_location='cpu', weights_only=True)
+        if 'config' not in ckpt:
+            raise ValueError(f"{spec!r} is not a save_vae checkpoint; for external weights use "
+                             f"'sd:DIR' (diffusers) or 'mar:PATH' (LDM/MAR)")
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt['config'].items()}
         cfg['scale_factor'] = ckpt['scale_factor']
         state = ckpt['state_dict']
-    config = VAEConfig(**{**_infer_config(state), **cfg, **overrides})
+    config = VAEConfig(**{**cfg, **overrides})
     vae = AutoencoderKL(config)
     _check_state(vae, state, spec)
     vae.load_state_dict(state)
