@@ -16,6 +16,9 @@ Continue a run exactly (same flags as the run unless given again), evaluate it, 
     python train.py --init_from resume --out_dir out/shapes
     python train.py --eval_only --out_dir out/shapes            # -> out/shapes/eval.json
     python sample.py --out_dir out/shapes --prompt "a red circle above a blue square"
+Start from pretrained parts (Hugging Face folders, see README "Starting from pretrained weights"):
+    python train.py --dataset cc3m --data_dir DIR --model gemma2-2b --init_from gemma:GEMMA_DIR \
+        --und_encoder siglip:SIGLIP_DIR --freeze_und_encoder --vae mar:kl16.ckpt
 Fine-tune from another run's weights (e.g. editing only):
     python train.py --init_from out/shapes/ckpt.pt --tasks edit=1 --max_steps 300 --out_dir out/edit
 
@@ -41,8 +44,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from unifluid import (ByteTokenizer, Config, PRESETS, UniFluid, WordTokenizer, estimate_flops_per_example,
-                      patchify, tokenizer_from_state)
+from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
+                      estimate_flops_per_example, gemma_config, load_gemma, load_siglip, patchify, siglip_config,
+                      tokenizer_from_state)
 
 TASKS = ("t2i", "caption", "vqa", "edit")
 
@@ -84,6 +88,12 @@ def task_shares(s):
     return out
 
 
+def tokenizer_spec(s):
+    if s not in ("word", "byte") and not s.startswith("gemma:"):
+        raise argparse.ArgumentTypeError(f"expected word, byte or gemma:DIR, got {s!r}")
+    return s
+
+
 def step_range(s):
     a, _, b = s.partition(":")
     return range(int(a), int(b) if b else int(a) + 1)
@@ -103,8 +113,9 @@ def build_parser():
     g.add_argument("--caption", type=non_negative(float), default=0.25, help="share of captioning examples")
     g.add_argument("--vqa", type=non_negative(float), default=0.25, help="share of question answering examples")
     g.add_argument("--edit", type=non_negative(float), default=0.0, help="share of image editing examples")
-    g.add_argument("--tokenizer", choices=["word", "byte"], default="word",
-                   help="word: vocabulary built from the training texts (short sequences); byte: any text")
+    g.add_argument("--tokenizer", type=tokenizer_spec, default="word",
+                   help="word: vocabulary built from the training texts (short sequences); byte: any text; "
+                        "gemma:DIR: DIR/tokenizer.json (default with --init_from gemma:DIR)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(PRESETS), default="small", help="size preset (unifluid.PRESETS)")
     g.add_argument("--model_args", default="", help="Config overrides, e.g. d_model=256,n_layer=6,patch_size=1")
@@ -114,7 +125,11 @@ def build_parser():
     g.add_argument("--vae", default="", help="our vae.pt, sd:DIR or mar:PATH; empty = train/reuse the shapes "
                                             "VAE at <out_dir>/../vae/vae.pt")
     g.add_argument("--vae_steps", type=positive_int, default=3000, help="steps when the VAE must be trained first")
-    g.add_argument("--init_from", default="scratch", help="scratch, resume (<out_dir>/ckpt.pt) or a checkpoint path")
+    g.add_argument("--init_from", default="scratch", help="scratch, resume (<out_dir>/ckpt.pt), a checkpoint path, "
+                                                         "or gemma:DIR (Hugging Face Gemma-1/2/3 text weights)")
+    g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
+                                                    "empty = the from-scratch ViT of the preset")
+    g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
@@ -162,8 +177,23 @@ def get_args(argv=None):
     for a in p._actions:
         a.default = argparse.SUPPRESS
     args.explicit = sorted(vars(p.parse_args(argv)))
-    if args.init_from not in ("scratch", "resume") and not os.path.exists(args.init_from):
-        p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume or a ckpt.pt path)")
+    if args.init_from.startswith("gemma:") and "tokenizer" not in args.explicit:
+        args.tokenizer = args.init_from          # Gemma weights only make sense with their own tokenizer
+    for flag, prefix, needs in (("init_from", "gemma:", "config.json"), ("tokenizer", "gemma:", "tokenizer.json"),
+                                ("und_encoder", "siglip:", "config.json")):
+        spec = getattr(args, flag)
+        if spec.startswith(prefix) and not os.path.exists(os.path.join(spec[len(prefix):], needs)):
+            p.error(f"--{flag} {spec}: no {needs} there (expected a Hugging Face model folder)")
+    if args.und_encoder and not args.und_encoder.startswith("siglip:"):
+        p.error(f"--und_encoder {args.und_encoder}: expected siglip:DIR")
+    if args.init_from.startswith("gemma:") and not args.tokenizer.startswith("gemma:"):
+        p.error(f"--init_from {args.init_from} needs the Gemma tokenizer: drop --tokenizer {args.tokenizer}")
+    if args.freeze_und_encoder and not args.und_encoder and (args.init_from == "scratch"
+                                                             or args.init_from.startswith("gemma:")):
+        p.error("--freeze_und_encoder needs --und_encoder siglip:DIR (a random ViT would stay random)")
+    if args.init_from not in ("scratch", "resume") and not args.init_from.startswith("gemma:") \
+            and not os.path.exists(args.init_from):
+        p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume, a ckpt.pt path or gemma:DIR)")
     if args.dataset != "shapes" and not args.eval_only and args.init_from != "resume" and not (
             args.data_dir and (os.path.exists(args.data_dir) or any(c in args.data_dir for c in "*?[{"))):
         p.error(f"--dataset {args.dataset} needs --data_dir pointing to a local copy ({args.data_dir} does not "
@@ -248,6 +278,40 @@ def load_checkpoint(path_or_dir, device="cpu", ema=True):
         raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
                                 f"(python vae.py --out_dir {os.path.dirname(spec)})")
     return model.to(device).eval(), load_vae(spec, device), tokenizer, ckpt
+
+
+def read_hf_folder(path):
+    """A Hugging Face model folder -> (config.json as a dict, {name: tensor}). The weights are
+    model.safetensors, or the shards that model.safetensors.index.json lists."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("reading Hugging Face weights needs the 'safetensors' package: pip install safetensors") \
+            from None
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(os.path.join(path, f)))
+    return hf, tensors
+
+
+def read_pretrained(args):
+    """The Hugging Face parts a fresh run starts from: (gemma, siglip), each (config, tensors) or None."""
+    spec = lambda s, prefix: s[len(prefix):] if s.startswith(prefix) else None
+    try:
+        return tuple(read_hf_folder(d) if d else None
+                     for d in (spec(args.init_from, "gemma:"), spec(args.und_encoder, "siglip:")))
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
 
 # -----------------------------------------------------------------------------
 # 3. Data. A step's global batch is grad_accum micro-batches, each read from its own data shard
@@ -571,7 +635,7 @@ def main(argv=None):
 
     # ---- init: from scratch, resume (this run's checkpoint) or a checkpoint's weights
     ckpt = None
-    if args.init_from != "scratch":
+    if args.init_from != "scratch" and not args.init_from.startswith("gemma:"):
         try:
             ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
         except FileNotFoundError as e:
@@ -592,7 +656,12 @@ def main(argv=None):
             log(f"warning: --vae {args.vae} differs from the checkpoint's {ckpt['vae']}")
         args.vae = args.vae or ckpt["vae"]
     else:
-        args.resolution = args.resolution or Config.preset(args.model).image_size
+        gemma, siglip = read_pretrained(args)          # (config.json, tensors) of --init_from / --und_encoder
+        vit_size = siglip_config(siglip[0])["image_size"] if siglip else 0
+        if vit_size and args.resolution not in (0, vit_size):
+            raise SystemExit(f"train.py: error: --resolution {args.resolution} differs from the {vit_size} px "
+                             f"that the SigLIP tower {args.und_encoder} reads")
+        args.resolution = args.resolution or vit_size or Config.preset(args.model).image_size
 
     os.makedirs(args.out_dir, exist_ok=True)
     vae_spec, vae = setup_vae(args, device, master, log)
@@ -607,13 +676,21 @@ def main(argv=None):
             with dataset_errors():
                 tokenizer = WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
                                                             5_000 if args.dataset == "shapes" else 50_000))
+        elif args.tokenizer.startswith("gemma:"):
+            with open(os.path.join(args.tokenizer[len("gemma:"):], "tokenizer.json"), encoding="utf-8") as f:
+                tokenizer = GemmaTokenizer(f.read(), gemma[0]["vocab_size"] if gemma else None)
         else:
             tokenizer = ByteTokenizer()
         if args.resolution % vae.downsample:
             raise SystemExit(f"train.py: error: --resolution {args.resolution} is not a multiple of the VAE's "
                              f"downsampling {vae.downsample}")
-        cfg = Config.preset(args.model, image_size=args.resolution, latent_size=args.resolution // vae.downsample,
-                            latent_channels=vae.latent_channels, **model_args(args.model_args))
+        try:                                       # pretrained parts set their own shapes; --model the rest
+            pretrained = {**(gemma_config(gemma[0]) if gemma else {}), **(siglip_config(siglip[0]) if siglip else {})}
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}") from None
+        cfg = Config.preset(args.model, **{**pretrained, **dict(
+            image_size=args.resolution, latent_size=args.resolution // vae.downsample,
+            latent_channels=vae.latent_channels), **model_args(args.model_args)})
     order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
     cfg = replace(cfg, order=order, image_weight=args.image_weight)
     if cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch:
@@ -627,6 +704,19 @@ def main(argv=None):
     if ckpt is not None:
         weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
         model.load_state_dict(weights)
+    else:                                # the decoder and/or the ViT from Hugging Face weights
+        try:
+            if gemma:
+                load_gemma(model, gemma[1])
+                log(f"decoder: {gemma[0]['model_type']} weights from {args.init_from}")
+            if siglip:
+                load_siglip(model, siglip[1], freeze=args.freeze_und_encoder)
+                log(f"understanding encoder: SigLIP weights from {args.und_encoder}")
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}") from None
+        del gemma, siglip
+    if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen
+        model.vision.requires_grad_(False)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
     optimizer = make_optimizer(model, args, device.type)
     if args.init_from == "resume":

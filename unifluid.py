@@ -12,7 +12,8 @@ Text positions end in the tied softmax head (cross entropy). Image positions end
 diffusion head (MAR) that models the continuous token. One loss: w * L_image + (1 - w) * L_text.
 
 Read top to bottom: config -> tokenizers -> decoder -> attention masks -> vision encoder -> image
-tokens -> random-order masking -> diffusion head -> UniFluid (batch layout, loss, generation) -> FLOPs.
+tokens -> random-order masking -> diffusion head -> UniFluid (batch layout, loss, generation) -> FLOPs
+-> loading pretrained Gemma / SigLIP weights.
 Nothing here knows about files, datasets or the command line.
 """
 import math
@@ -47,6 +48,8 @@ class Config:
     final_softcap: float = 0.0     # Gemma-2 soft-capping of output logits (30); 0 = off
     sliding_window: int = 0        # window of local layers; 0 = every layer global
     global_every: int = 1          # layer i is global iff (i + 1) % global_every == 0 (Gemma-2: 2, Gemma-3: 6)
+    layer_pattern: str = ""        # per-layer "G" global / "L" local, overrides global_every ("" = use it)
+    norm_eps: float = 1e-6         # RMSNorm epsilon (HF rms_norm_eps)
     max_text_len: int = 32         # longest prompt/answer in tokens (longer ones are truncated)
     # understanding encoder (SigLIP-layout ViT)
     image_size: int = 32           # pixels of the images the ViT reads
@@ -87,7 +90,9 @@ class Config:
         return self.num_und_tokens + 2 * self.max_text_len + 4 + self.num_image_tokens
 
     def layer_is_global(self, i):
-        return self.sliding_window <= 0 or (i + 1) % self.global_every == 0
+        if self.sliding_window <= 0:
+            return True
+        return self.layer_pattern[i] == "G" if self.layer_pattern else (i + 1) % self.global_every == 0
 
     @staticmethod
     def preset(name, **overrides):
@@ -186,11 +191,52 @@ class WordTokenizer(ByteTokenizer):
         return {"kind": "word", "words": self.words}
 
 
+class GemmaTokenizer:
+    """A pretrained Gemma tokenizer.json through the `tokenizers` package (an optional extra). We add
+    <bos> ourselves (encode adds no specials). Gemma-3 has <start_of_image>/<end_of_image>; Gemma-1/2
+    use the reserved <unused0>/<unused1> instead. The answer separator is "\\n", as in PaliGemma.
+    The JSON text travels in state_dict, so a checkpoint needs no tokenizer folder."""
+    specials = dict(pad_id=["<pad>"], bos_id=["<bos>"], eos_id=["<eos>"], boi_id=["<start_of_image>", "<unused0>"],
+                    eoi_id=["<end_of_image>", "<unused1>"], sep_id=["\n", "<unused2>"])
+
+    def __init__(self, json_text, vocab_size=None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("a Gemma tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+        self.json_text, self.tok = json_text, Tokenizer.from_str(json_text)
+        # the embedding may have more rows than the tokenizer has tokens (padded vocabularies)
+        self._vocab_size = max(vocab_size or 0, self.tok.get_vocab_size(with_added_tokens=True))
+        for name, candidates in self.specials.items():
+            ids = [self.tok.token_to_id(t) for t in candidates]
+            if name == "sep_id":           # "\n" is a plain token: whatever id the text encodes to
+                nl = self.tok.encode("\n", add_special_tokens=False).ids
+                ids[0] = nl[0] if len(nl) == 1 else None
+            if all(i is None for i in ids):
+                raise ValueError(f"tokenizer.json has none of {candidates} (needed for {name})")
+            setattr(self, name, next(i for i in ids if i is not None))
+
+    @property
+    def vocab_size(self):
+        return self._vocab_size
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def state_dict(self):
+        return {"kind": "gemma", "json": self.json_text, "vocab_size": self._vocab_size}
+
+
 def tokenizer_from_state(state):
     if state["kind"] == "byte":
         return ByteTokenizer()
     if state["kind"] == "word":
         return WordTokenizer(state["words"])
+    if state["kind"] == "gemma":
+        return GemmaTokenizer(state["json"], state["vocab_size"])
     raise ValueError(f"unknown tokenizer kind {state['kind']!r} in checkpoint")
 
 # -----------------------------------------------------------------------------
@@ -237,7 +283,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.rope_base = cfg.rope_base if cfg.layer_is_global(layer) else cfg.rope_local_base
         self.scale = (cfg.query_scale or cfg.head_dim) ** -0.5
 
@@ -285,11 +331,11 @@ class Block(nn.Module):
     """Gemma-2/3 sandwich: x + post_norm(attn(pre_norm(x))), same around the MLP."""
     def __init__(self, cfg, layer):
         super().__init__()
-        sandwich = (lambda: RMSNorm(cfg.d_model)) if cfg.sandwich_norm else nn.Identity
-        self.input_layernorm = RMSNorm(cfg.d_model)
+        sandwich = (lambda: RMSNorm(cfg.d_model, cfg.norm_eps)) if cfg.sandwich_norm else nn.Identity
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = sandwich()    # Gemma-2/3 meaning (Gemma-1 uses the name pre-MLP)
-        self.pre_feedforward_layernorm = RMSNorm(cfg.d_model)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff)
         self.post_feedforward_layernorm = sandwich()
         self.is_global = cfg.layer_is_global(layer)
@@ -307,7 +353,7 @@ class Gemma(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.checkpointing = False     # activation checkpointing (train.py --grad_checkpoint)
 
     def embed(self, ids):              # Gemma multiplies input embeddings by sqrt(d) (in the compute dtype)
@@ -843,3 +889,100 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
             f += 6 * vit * M + 6 * D * cfg.vocab_size * (text_len // 2)
         total += share * f
     return total
+
+# -----------------------------------------------------------------------------
+# 12. Pretrained weights: Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers (SPEC section 5).
+# Pure functions of config.json dicts and {name: tensor} dicts; train.py reads the files.
+
+
+def gemma_config(hf):
+    """Decoder fields of Config from a Hugging Face Gemma config.json. What differs between versions:
+    Gemma-1: no sandwich norms, queries scaled by head_dim**-0.5, no sliding window, one RoPE base.
+    Gemma-2: sandwich norms, query_pre_attn_scalar, soft-capping (attention 50, final 30), local/global
+             layers alternating (window 4096).
+    Gemma-3: + QK-norm, no soft-capping, 5 local : 1 global, RoPE base 10k local and 1M global."""
+    family = hf.get("model_type")
+    if family not in ("gemma", "gemma2", "gemma3_text"):
+        raise ValueError(f"model_type {family!r} is not a Gemma text decoder (gemma, gemma2, gemma3_text); "
+                         f"for a multimodal Gemma-3 use the text-only checkpoint (e.g. gemma-3-1b)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu", "gelu_pytorch_tanh"):   # Gemma-1's legacy "gelu" means the tanh approximation
+        raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional Gemma encoders (EmbeddingGemma) are not causal decoders")
+    rope = hf.get("rope_parameters") or {}         # transformers >= 5; older files: rope_theta + rope_scaling
+
+    def rope_base(layer_type, default):
+        p = rope.get(layer_type, rope)             # Gemma-3 keeps one dict per layer type
+        scaling = p.get("rope_type", "default") if p else (hf.get("rope_scaling") or {}).get("rope_type", "default")
+        if scaling != "default":
+            raise ValueError(f"RoPE scaling {scaling!r} is not supported (only the default RoPE)")
+        return float(p.get("rope_theta") or default)
+
+    n, g1, g3 = hf["num_hidden_layers"], family == "gemma", family == "gemma3_text"
+    global_base = rope_base("full_attention", hf.get("rope_theta") or (1e6 if g3 else 1e4))
+    local_base = rope_base("sliding_attention", hf.get("rope_local_base_freq") or (1e4 if g3 else global_base))
+    types = hf.get("layer_types") or [
+        "full_attention" if g1 or (i + 1) % (hf.get("sliding_window_pattern", 6) if g3 else 2) == 0
+        else "sliding_attention" for i in range(n)]
+    is_global = [t == "full_attention" for t in types]
+    window = 0 if g1 or all(is_global) else hf.get("sliding_window") or 4096
+    # a periodic pattern is a global_every; anything else is spelled out layer by layer
+    every = next((k for k in range(1, n + 2) if is_global == [(i + 1) % k == 0 for i in range(n)]), 0)
+    hd = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return dict(vocab_size=hf["vocab_size"], n_layer=n, d_model=hf["hidden_size"], n_head=hf["num_attention_heads"],
+                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hd,
+                d_ff=hf["intermediate_size"], rope_base=global_base, rope_local_base=local_base,
+                query_scale=hd if g1 else float(hf.get("query_pre_attn_scalar") or hd), qk_norm=g3,
+                sandwich_norm=not g1, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                final_softcap=float(hf.get("final_logit_softcapping") or 0.0), sliding_window=window,
+                global_every=every or 1, layer_pattern="" if every else "".join("GL"[not g] for g in is_global),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+
+
+def siglip_config(hf):
+    """ViT fields of Config from a SigLIP config.json (a SiglipVisionModel, or a whole SiglipModel)."""
+    v = hf.get("vision_config", hf)
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("layer_norm_eps", 1e-6) != 1e-6:
+        raise ValueError("only SigLIP towers with gelu_pytorch_tanh and LayerNorm eps 1e-6 are supported")
+    return dict(image_size=v["image_size"], vit_patch=v["patch_size"], vit_width=v["hidden_size"],
+                vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"], vit_mlp=v["intermediate_size"])
+
+
+def load_exact(module, tensors, ckpt_name, what):
+    """Copy tensors into module, our name k read from tensors[ckpt_name(k)]; every tensor must be used
+    and every shape must match, or a ValueError lists what is missing, unexpected or mis-shaped."""
+    own = module.state_dict()
+    names = {ckpt_name(k): k for k in own}
+    missing = sorted(n for n in names if n not in tensors)
+    unexpected = sorted(n for n in tensors if n not in names)
+    shapes = [f"{n} {tuple(tensors[n].shape)} (model expects {tuple(own[k].shape)})"
+              for n, k in names.items() if n in tensors and tensors[n].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{title} ({len(xs)}): {', '.join(xs[:20])}{' ...' if len(xs) > 20 else ''}"
+                 for title, xs in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
+        raise ValueError(f"the {what} checkpoint does not match the model:\n  " + "\n  ".join(lines))
+    with torch.no_grad():
+        for n, k in names.items():
+            own[k].copy_(tensors[n])               # casts bf16 checkpoints to the model's dtype
+
+
+def load_gemma(model, tensors):
+    """Hugging Face Gemma weights (model.embed_tokens, model.layers.N..., model.norm; the head is tied)
+    into model.llm (or a bare Gemma). The model must come from gemma_config of the same checkpoint.
+    Trap (SPEC 5): Gemma-1's post_attention_layernorm is the pre-MLP norm, our pre_feedforward_layernorm."""
+    llm = getattr(model, "llm", model)
+    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")}
+    gemma1 = not llm.cfg.sandwich_norm
+    rename = lambda k: prefix + (k.replace("pre_feedforward_layernorm", "post_attention_layernorm") if gemma1 else k)
+    load_exact(llm, tensors, rename, "Gemma")
+
+
+def load_siglip(model, tensors, freeze=False):
+    """SigLIP vision tower weights into model.vision; the pooling head (head.*) and a SiglipModel's
+    text tower are not used (und slots read every patch feature). freeze: no gradient for the ViT."""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    load_exact(model.vision, tensors, lambda k: prefix + k, "SigLIP")
+    model.vision.requires_grad_(not freeze)
