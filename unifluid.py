@@ -556,8 +556,8 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(m.weight)   # zero-init modulation and output: the head starts as "predict 0"
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, z):        # noisy token (n, Dt), timestep (n,), condition (n, D) -> eps (n, Dt)
-        c = self.t_embed(timestep_embedding(t, 256)) + self.c_embed(z)
+    def forward(self, x, t, z, cz=None):  # noisy token (n, Dt), timestep (n,) or (1,), condition (n, D) -> eps
+        c = self.t_embed(timestep_embedding(t, 256)) + (self.c_embed(z) if cz is None else cz)
         h = self.x_in(x)
         for b in self.blocks:
             h = b(h, c)
@@ -601,10 +601,11 @@ class GaussianDiffusion(nn.Module):
         acp = self.acp[ts]
         acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
         x = temperature * torch.randn(n, self.head.out.out_features, generator=generator, device=z.device)
+        cz = self.head.c_embed(z)          # the condition is the same at every step: embed it once
         for i in reversed(range(num_steps)):
             a, ap = acp[i], acp_prev[i]
             xin = torch.cat([x, x]) if guided else x
-            eps = self.head(xin.to(z.dtype), ts[i].expand(xin.shape[0]), z).float()
+            eps = self.head(xin.to(z.dtype), ts[i].view(1), z, cz).float()   # one timestep for all rows
             if guided:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + cfg * (cond - uncond)
