@@ -534,6 +534,10 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
         hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts) if p["task"] == task]
         out[f"gen/{task}"] = sum(hits) / len(hits)
     out["gen_accuracy"] = sum(out[f"gen/{t}"] for t in shapes.TASKS) / len(shapes.TASKS)
+    for name, held in (("gen_heldout_pairs", True), ("gen_seen_pairs", False)):   # colors / color_attr prompts:
+        hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts)  # compositions never seen
+                if p["task"] in ("colors", "color_attr") and p["heldout"] == held]   # in training vs seen ones
+        out[name] = sum(hits) / max(1, len(hits))
     log(f"eval: generation {out['gen_accuracy']:.3f} on {len(prompts)} held-out prompts")
     scenes = shapes.eval_scenes(2 * n_per_task, seed=args.seed, split="test", resolution=res)
     und = from_pil([s["image"] for s in scenes], res)
@@ -541,6 +545,8 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
         und[i:i + 128], prompts[i:i + 128], max_new_tokens=model.cfg.max_text_len)]
     caps = text([""] * len(scenes))       # captioning reads no prompt (data/__init__.py)
     out["caption_accuracy"] = sum(shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes)) / len(scenes)
+    held = [shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes) if s["heldout"]]
+    out["caption_heldout_pairs"] = sum(held) / max(1, len(held))
     answers = text([s["question"] for s in scenes])
     out["vqa_accuracy"] = sum(shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)) / len(scenes)
     edited = gen([s["instruction"] for s in scenes], und)
