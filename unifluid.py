@@ -754,10 +754,11 @@ class UniFluid(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
-                        und_images=None, generator=None, use_cache=True, batch_cfg=True):
+                        und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear"):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
-        cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction.
+        cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction
+        (cfg_schedule "linear", MAR's default) or stays at cfg ("constant", MAR's other option).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
         (use_cache). Both switches exist for the naive baseline of `sample.py --bench`."""
         c, dev = self.cfg, self.llm.embed_tokens.weight.device
@@ -804,7 +805,7 @@ class UniFluid(nn.Module):
                 mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len)) if k < steps - 1 else 0
             new_mask = mask_by_order(mask_len, orders)
             reveal = mask & ~new_mask                                              # (B, N)
-            scale = 1 + (cfg - 1) * (N - mask_len) / N                             # linear CFG ramp
+            scale = 1 + (cfg - 1) * (N - mask_len) / N if cfg_schedule == "linear" else cfg
             zr = z[:B][reveal]
             if guided:
                 zr = torch.cat([zr, z[B:][reveal]])
