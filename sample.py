@@ -132,11 +132,14 @@ def check_prompt(model, prompt):
 
 def read_image(path, size):
     """Any image Pillow opens -> (1, 3, size, size) in [-1, 1], converted and resized as in training."""
+    from data.imagetext import to_rgb    # grey, palette, CMYK, 16-bit, alpha on white: as the data readers do
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:     # a header claiming > 2 x Image.MAX_IMAGE_PIXELS raises here, undecoded
+            if im.format == 'JPEG':
+                im.draft('RGB', (size, size))   # a huge JPEG decodes at 1/2 .. 1/8 scale
             im.load()
-            return from_pil(im, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return from_pil(to_rgb(im), size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         fail(f"cannot read {path} as an image ({type(e).__name__}: {e})")
 
 

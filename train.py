@@ -151,6 +151,8 @@ def build_parser():
                    help="compute dtype; auto = bfloat16 autocast on GPU, float32 on CPU (no fp16: NaNs)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile; auto: GPU only")
     g.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing of the decoder blocks")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
+                                                      "over the processes (FSDP2, per decoder block, then the rest)")
     g.add_argument("--out_dir", default="out/shapes")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("logging, samples, evaluation")
@@ -184,6 +186,9 @@ def get_args(argv=None):
         spec = getattr(args, flag)
         if spec.startswith(prefix) and not os.path.exists(os.path.join(spec[len(prefix):], needs)):
             p.error(f"--{flag} {spec}: no {needs} there (expected a Hugging Face model folder)")
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the model over the processes that torchrun starts: launch with "
+                "`torchrun --nproc_per_node N train.py ... --fsdp`")
     if args.und_encoder and not args.und_encoder.startswith("siglip:"):
         p.error(f"--und_encoder {args.und_encoder}: expected siglip:DIR")
     if args.init_from.startswith("gemma:") and not args.tokenizer.startswith("gemma:"):
@@ -243,14 +248,62 @@ def set_rng_state(s):
 
 
 def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
-    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps)."""
-    ckpt = dict(model=model.state_dict(), ema=ema_model.state_dict() if ema_model is not None else None,
-                optimizer=optimizer.state_dict() if optimizer is not None else None, step=step,
+    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps).
+    A sharded (--fsdp) model is saved as one process would hold it: every rank calls this (the shards are
+    gathered to full CPU tensors) and rank 0 writes, so any run, sharded or not, can resume or sample it."""
+    states = dict(model=model_state(model), ema=model_state(ema_model) if ema_model is not None else None,
+                  optimizer=optimizer_state(model, optimizer) if optimizer is not None else None)
+    if is_sharded(model) and dist.get_rank() != 0:
+        return
+    ckpt = dict(**states, step=step,
                 config=model.cfg.to_dict(), tokenizer=tokenizer.state_dict(), vae=vae_spec,
                 args={k: v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v)
                       for k, v in vars(args).items()}, rng=rng_state(), **extra)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)      # a crash mid-write never leaves a torn ckpt.pt
+    with open(path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())             # on disk before the rename, so even a power cut leaves one whole file
+    os.replace(path + ".tmp", path)      # atomic: a reader or a crash mid-write never sees a torn ckpt.pt
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def model_state(model):
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict()'s layout (parameters numbered in param_groups order) also when sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:                         # full_state_dict + cpu_offload: only rank 0 receives it
+        return full
+    index = {name: i for i, name in enumerate(param_names(model, optimizer))}   # full is keyed by parameter name
+    return dict(state={index[n]: s for n, s in full["state"].items()},
+                param_groups=[{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]])
+
+
+def load_optimizer_state(model, optimizer, state):
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = param_names(model, optimizer)
+    full = dict(state={names[i]: s for i, s in state["state"].items()},
+                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]])
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def param_names(model, optimizer):
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def checkpoint_path(path_or_dir):
@@ -259,20 +312,45 @@ def checkpoint_path(path_or_dir):
 
 
 def read_checkpoint(path_or_dir):
+    """The dict save_checkpoint wrote; FileNotFoundError or ValueError (one sentence) otherwise.
+    weights_only: a file from elsewhere can hold tensors and plain data, never code that runs on load."""
+    from vae import torch_load
     path = checkpoint_path(path_or_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
                                 f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch_load(path)
+    missing = {"model", "config", "tokenizer", "vae", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The UniFluid a checkpoint describes (its config and tokenizer), or ValueError saying why not."""
+    try:
+        return UniFluid(Config(**ckpt["config"]), tokenizer_from_state(ckpt["tokenizer"]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} was written by another version of unifluid.py: its config does not fit "
+                         f"this code ({type(e).__name__}: {e})") from None
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not match the checkpoint's own config "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def load_checkpoint(path_or_dir, device="cpu", ema=True):
     """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
     from vae import load_vae
     ckpt = read_checkpoint(path_or_dir)
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    model = UniFluid(Config(**ckpt["config"]), tokenizer)
-    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    model = model_from_checkpoint(ckpt, checkpoint_path(path_or_dir))
+    tokenizer = model.tokenizer
+    load_weights(model, ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"],
+                 checkpoint_path(path_or_dir))
     spec = ckpt["vae"]
     if ":" not in spec[:4] and not os.path.exists(spec):
         raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
@@ -293,14 +371,10 @@ def read_hf_folder(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("reading Hugging Face weights needs the 'safetensors' package: pip install safetensors") \
-            from None
+    from vae import read_safetensors    # checks the header against the file size, then the safetensors package
     tensors = {}
     for f in files:
-        tensors.update(load_file(os.path.join(path, f)))
+        tensors.update(read_safetensors(os.path.join(path, f)))
     return hf, tensors
 
 
@@ -346,7 +420,7 @@ class ShardStream:
             if split == "train":
                 raise
             self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
-        self.it = iter(self.ds)
+        self.it, self.shard = iter(self.ds), shard
         if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
             # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
             self.it = (self.ds.example(i) for i in itertools.count(shard + start * n_shards, n_shards))
@@ -359,10 +433,18 @@ class ShardStream:
             return next(self.it)
         except StopIteration:            # finite dataset: next epoch
             self.it = iter(self.ds)
+        try:
             return next(self.it)
+        except StopIteration:            # an empty epoch would repeat forever
+            raise ValueError(f"the {self.ds.__class__.__name__} part for micro-batch shard {self.shard} holds no "
+                             f"examples (fewer data shards than --grad_accum?)") from None
 
     def take(self, n):
         return [self.next() for _ in range(n)]
+
+    def skipped(self):
+        """Samples and shards the real-data reader skipped so far (the reasons are in self.ds.stats)."""
+        return sum(c for r, c in getattr(self.ds, "stats", {}).items() if r != "samples")
 
 
 def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
@@ -404,7 +486,32 @@ def make_optimizer(model, args, device_type):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - decay)
+    local = lambda m: [full_tensor(p, gather=False) for p in m.parameters()]   # sharded: each rank its own shard
+    torch._foreach_lerp_(local(ema_model), local(model), 1.0 - decay)
+
+
+def shard_model(model, device):
+    """FSDP2 (--fsdp): each decoder block is one unit that is all-gathered for its forward and backward and
+    freed after, the root unit holds the rest (embeddings, ViT, diffusion head). Weights, gradients and
+    AdamW state live as 1/world shards (DTensors) on each process; moves the model to `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.llm.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.set_reduce_scatter_unused_params(True)  # a micro-batch without captions leaves the ViT without grads
+    for method in ("generate_images", "generate_text"):   # sampling gathers the root weights as forward does
+        register_fsdp_forward_method(model, method)
+    return model
+
+
+def full_tensor(t, gather=True):
+    """A sharded parameter, gradient or norm as a plain tensor: gathered (a collective) or this rank's shard."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(t, DTensor):
+        return t
+    return t.full_tensor() if gather else t.to_local()
 
 
 # dense bf16 tensor-core peaks (FLOP/s); the longest name that matches the device's name wins
@@ -483,14 +590,16 @@ def fixed_examples(args, n_prompts=12, n_images=6):
 def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
     g = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(generator_seed)
     lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps, generator=g)
+    texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
+                                max_new_tokens=model.cfg.max_text_len) if und else []
+    if path is None:                     # a rank of a sharded model that only computed along
+        return
     draw_grid(vae.decode(lat).float().cpu(), prompts, path + ".png")
     if und:
         inputs = os.path.join(os.path.dirname(path), "inputs.png")   # the images the text file talks about
         if not os.path.exists(inputs):
             draw_grid(torch.stack([e["input_image"] for e in und]),
                       [f"[{i}] {e['answer']}" for i, e in enumerate(und)], inputs)
-        texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
-                                    max_new_tokens=model.cfg.max_text_len)
         with open(path + ".txt", "w") as f:
             for i, (e, t) in enumerate(zip(und, texts)):
                 f.write(f"[{i}] {e['task']}: {e['prompt'] or '(no prompt)'}\n"
@@ -644,19 +753,31 @@ def main(argv=None):
     if args.init_from != "scratch" and not args.init_from.startswith("gemma:"):
         try:
             ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
-        except FileNotFoundError as e:
-            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
+        for k in ("model", "model_args", "tokenizer"):   # a checkpoint's architecture is fixed: say so
+            if k in args.explicit and getattr(args, k) != ckpt.get("args", {}).get(k, getattr(args, k)):
+                raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was trained with "
+                                 f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
+                                 f"or start a new run in another --out_dir")
     if args.init_from == "resume":       # continue with the run's own flags unless given again
         for k, v in ckpt["args"].items():
             if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "dump_grads",
-                                                    "debug_nan_steps", "stop_at", "time_budget"):
+                                                    "debug_nan_steps", "stop_at", "time_budget", "fsdp"):
                 setattr(args, k, v)
     args.grad_accum = args.grad_accum or world
     if args.grad_accum % world:
         raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     mix = task_mix(args)
     if ckpt is not None:
-        cfg0 = Config(**ckpt["config"])
+        try:
+            cfg0 = Config(**ckpt["config"])
+        except TypeError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was written by another "
+                             f"version of unifluid.py ({e})") from None
+        if "resolution" in args.explicit and args.resolution not in (0, cfg0.image_size):
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint's model reads "
+                             f"{cfg0.image_size} px images, not --resolution {args.resolution}; drop --resolution")
         args.resolution = cfg0.image_size
         if args.vae and args.init_from != "resume" and os.path.abspath(args.vae) != ckpt["vae"]:
             log(f"warning: --vae {args.vae} differs from the checkpoint's {ckpt['vae']}")
@@ -703,13 +824,16 @@ def main(argv=None):
         raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size} or image "
                          f"{cfg.image_size} / vit_patch {cfg.vit_patch} does not divide")
     torch.manual_seed(args.seed)         # every rank builds the same initial weights
-    model = UniFluid(cfg, tokenizer).to(device)
+    model = UniFluid(cfg, tokenizer).to("cpu" if args.fsdp else device)   # FSDP moves only its shards to the GPU
     cfg = model.cfg                      # vocab_size set from the tokenizer
     model.llm.checkpointing = args.grad_checkpoint
     start_step, bad_total = 0, 0
     if ckpt is not None:
         weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
-        model.load_state_dict(weights)
+        try:
+            load_weights(model, weights, args.init_from)
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
     else:                                # the decoder and/or the ViT from Hugging Face weights
         try:
             if gemma:
@@ -724,11 +848,14 @@ def main(argv=None):
     if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen
         model.vision.requires_grad_(False)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
-    optimizer = make_optimizer(model, args, device.type)
+    if args.init_from == "resume" and ema_model is not None and ckpt.get("ema") is not None:
+        ema_model.load_state_dict(ckpt["ema"])
+    if args.fsdp:                        # the EMA is sharded the same way: lerped shard by shard
+        model = shard_model(model, device)
+        ema_model = ema_model and shard_model(ema_model, device)
+    optimizer = make_optimizer(model, args, device.type)   # after sharding: AdamW state only for this rank's shard
     if args.init_from == "resume":
-        if ema_model is not None and ckpt.get("ema") is not None:
-            ema_model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
         start_step, bad_total = ckpt["step"], ckpt.get("bad_steps", 0)
         set_rng_state(ckpt["rng"])
     del ckpt
@@ -742,7 +869,7 @@ def main(argv=None):
             model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
         log("compiling the model (first steps are slow)")
         model = torch.compile(model)
-    if ddp:                              # find_unused: a micro-batch without some task leaves its parts unused
+    if ddp and not args.fsdp:            # find_unused: a micro-batch without some task leaves its parts unused
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
 
     # ---- what one step costs, and the device's peak
@@ -760,11 +887,12 @@ def main(argv=None):
 
     # ---- data streams, fixed samples, logs
     shards = range(rank * per_rank, (rank + 1) * per_rank)
+    runs_eval = master or args.fsdp      # a sharded forward needs every rank: all sample and evaluate, rank 0 writes
     if start_step:
         log(f"resuming at step {start_step}: skipping the {start_step * global_batch} examples already seen")
     with dataset_errors():
         streams = [ShardStream(args, "train", s, args.grad_accum, start_step * args.batch_size, mix) for s in shards]
-        if master:
+        if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
             vbatches = val_batches(args, raw_model, vae, device)
     if master:
@@ -774,7 +902,7 @@ def main(argv=None):
     stop_step = min(args.max_steps, args.stop_at or args.max_steps)
 
     def save(step):
-        if master:
+        if runs_eval:
             save_checkpoint(ckpt_path, raw_model, optimizer, ema_model, step, tokenizer, vae_spec, args,
                             bad_steps=bad_total)
 
@@ -804,9 +932,13 @@ def main(argv=None):
                 torch.manual_seed(seed)              # the diffusion head's noise and timesteps
                 g_cpu = torch.Generator().manual_seed(seed)                    # CFG prompt dropout
                 g_dev = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else g_cpu  # masking
+                with dataset_errors():       # e.g. every sample of the shard is bad: one sentence, no traceback
+                    examples = stream.take(args.batch_size)
                 with ctx:
-                    batch = encode_batch(raw_model, vae, stream.take(args.batch_size), device, g_cpu, cfg.cfg_dropout)
-                if ddp:                      # all-reduce gradients only after the last micro-batch
+                    batch = encode_batch(raw_model, vae, examples, device, g_cpu, cfg.cfg_dropout)
+                if ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
+                    raw_model.set_requires_gradient_sync(m == per_rank - 1)
+                elif ddp:                    # all-reduce gradients only after the last micro-batch
                     model.require_backward_grad_sync = m == per_rank - 1
                 with ctx:
                     out = model(batch, image_weight=args.image_weight, generator=g_dev)
@@ -815,14 +947,17 @@ def main(argv=None):
                 (out["loss"] / per_rank).backward()       # DDP then averages over processes: the global mean
                 stats[:4] += torch.stack([out["loss"].detach().float(), out["loss_image"].float(),
                                           out["loss_text"].float(), (batch["kind"] != 0).sum().float()])
-            if args.dump_grads and step == start_step and master:
-                torch.save({n: p.grad.detach().cpu().clone() for n, p in raw_model.named_parameters()
-                            if p.grad is not None}, args.dump_grads)
+            if args.dump_grads and step == start_step:
+                grads = {n: full_tensor(p.grad).detach().cpu().clone() for n, p in raw_model.named_parameters()
+                         if p.grad is not None}  # sharded: gathered, a collective on every rank
+                if master:
+                    torch.save(grads, args.dump_grads)
             stats[4] = float(stop["signal"] is not None or
                              (args.time_budget > 0 and time.time() - t_start > 60 * args.time_budget))
             if ddp:
                 dist.all_reduce(stats)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")).item()
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                                   args.grad_clip or float("inf"))).item()
             loss_v, loss_img, loss_txt = (x / args.grad_accum for x in stats[:3].tolist())
             ntok, stop_flag = stats[3].item(), stats[4].item() > 0
             if math.isfinite(loss_v) and math.isfinite(grad_norm):
@@ -851,23 +986,26 @@ def main(argv=None):
                 last = dict(step=step, loss=loss_v, loss_image=loss_img, loss_text=loss_txt, lr=lr, grad_norm=grad_norm,
                             tokens_per_s=tokens_since / train_time, steps_per_s=steps_per_s,
                             mfu=flops_per_step * steps_per_s / (peak * world), elapsed_s=elapsed,
-                            eta_s=(stop_step - step) / steps_per_s, skipped=bad_total)
+                            eta_s=(stop_step - step) / steps_per_s, skipped=bad_total,
+                            data_skipped=sum(s.skipped() for s in streams))
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
                 pbar.write(f"step {step}/{stop_step} | loss {loss_v:.4f} | img {loss_img:.4f} | txt {loss_txt:.4f} | "
                            f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tokens_since / train_time / 1e3:.1f}k tok/s | "
                            f"{steps_per_s:.2f} it/s | MFU {100 * last['mfu']:.1f}% | {fmt_time(elapsed)} elapsed, "
-                           f"eta {fmt_time(last['eta_s'])}")
+                           f"eta {fmt_time(last['eta_s'])}"
+                           + (f" | {last['data_skipped']} bad samples skipped" if last["data_skipped"] else ""))
                 train_time, steps_since, tokens_since = 0.0, 0, 0.0
-            if master and (step % args.sample_interval == 0 or step == stop_step):
-                path = os.path.join(args.out_dir, "samples", f"step_{step:06d}")
+            if runs_eval and (step % args.sample_interval == 0 or step == stop_step):
+                path = os.path.join(args.out_dir, "samples", f"step_{step:06d}") if master else None
                 with ctx:
                     write_samples(ema_model or raw_model, vae, fixed_prompts, fixed_und, args, path, args.seed)
-            if master and (step % args.eval_interval == 0 or step == stop_step or stop_flag) and not bad_in_row:
+            if runs_eval and (step % args.eval_interval == 0 or step == stop_step or stop_flag) and not bad_in_row:
                 with ctx:
                     v = val_losses(ema_model or raw_model, vbatches, args.image_weight)
-                pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
-                log_file.write(json.dumps(dict(step=step, **v)) + "\n")
+                if master:
+                    pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
+                    log_file.write(json.dumps(dict(step=step, **v)) + "\n")
                 save(step)
             if stop_flag:
                 why = stop["signal"] or f"the time budget of {args.time_budget} min"
@@ -880,12 +1018,13 @@ def main(argv=None):
     pbar.close()
 
     result = {}
-    if master and step == args.max_steps:    # the run is complete: evaluate it
+    if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
         t0 = time.time()
         with ctx:
             result = evaluate(ema_model or raw_model, vae, args, device, log)
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        if master:
+            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=1)
         log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
     if master:
         log_file.close()

@@ -259,6 +259,18 @@ def save_vae(vae, path):
     os.replace(path + '.tmp', path)
 
 
+def torch_load(path):
+    """torch.load of an untrusted file: tensors and plain containers only (weights_only: a pickle that
+    would run code is refused), and any unreadable file becomes one ValueError naming it."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, a torn zip (RuntimeError), EOFError, ...
+        why = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"{path} cannot be read as PyTorch weights ({type(e).__name__}: {why})") from None
+
+
 def load_vae(spec, device='cpu', **overrides):
     """spec: 'PATH.pt' (ours), 'sd:DIR' (diffusers folder) or 'mar:PATH' (LDM/MAR ckpt).
     overrides: VAEConfig fields that weights cannot tell (e.g. norm_groups, scale_factor)."""
@@ -266,12 +278,12 @@ def load_vae(spec, device='cpu', **overrides):
         state, cfg = _read_diffusers(spec[3:])
         cfg = {**_infer_config(state), **cfg}
     elif spec.startswith('mar:'):
-        ckpt = torch.load(spec[4:], map_location='cpu', weights_only=True)
+        ckpt = torch_load(spec[4:])
         state = _ldm_to_diffusers(ckpt.get('model', ckpt.get('state_dict', ckpt)))
         cfg = {**_infer_config(state), 'scale_factor': 0.2325}  # MAR's KL-16 factor
     else:
-        ckpt = torch.load(spec, map_location='cpu', weights_only=True)
-        if 'config' not in ckpt:
+        ckpt = torch_load(spec)
+        if not isinstance(ckpt, dict) or 'config' not in ckpt:
             raise ValueError(f"{spec!r} is not a save_vae checkpoint; for external weights use "
                              f"'sd:DIR' (diffusers) or 'mar:PATH' (LDM/MAR)")
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt['config'].items()}
@@ -284,6 +296,36 @@ def load_vae(spec, device='cpu', **overrides):
     return vae.to(device).eval()
 
 
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file, or ValueError naming the file. The header's declared length
+    and tensor offsets are checked against the file size first, so a hostile or truncated file can
+    neither make the reader allocate what the file does not hold nor crash it."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from e
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little') if size >= 8 else -1
+        header = f.read(n) if 0 < n <= min(size - 8, 100 << 20) else None   # 100 MB: the library's own cap
+    try:
+        meta = json.loads(header) if header is not None else None
+    except (UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
+    try:
+        end = max((int(t['data_offsets'][1]) for k, t in meta.items() if k != '__metadata__'), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        end = None
+    if end is None or end > size - 8 - n:
+        raise ValueError(f"{path} is truncated or malformed: its header lists tensors the file does not hold")
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError and friends
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
 def _read_diffusers(path):
     if os.path.isdir(os.path.join(path, 'vae')):  # a whole pipeline folder
         path = os.path.join(path, 'vae')
@@ -293,13 +335,9 @@ def _read_diffusers(path):
         raise ValueError(f"{path}: VAEs without quant_conv/post_quant_conv (SD3/Flux) are not supported")
     st_file = os.path.join(path, 'diffusion_pytorch_model.safetensors')
     if os.path.exists(st_file):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f"reading {st_file} needs the 'safetensors' package: pip install safetensors") from e
-        state = load_file(st_file)
+        state = read_safetensors(st_file)
     else:
-        state = torch.load(os.path.join(path, 'diffusion_pytorch_model.bin'), map_location='cpu', weights_only=True)
+        state = torch_load(os.path.join(path, 'diffusion_pytorch_model.bin'))
     # older diffusers files name the attention projections query/key/value/proj_attn
     renames = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.', '.proj_attn.': '.to_out.0.'}
     out = {}

@@ -24,7 +24,9 @@ of raw samples (bytes, decoded after the buffer so it costs little memory).
 
 Bad samples are skipped, counted in `dataset.stats` (per reason) and warned about with the shard's
 name: corrupt or missing image, missing / empty / non-UTF-8 caption, an image over `max_pixels`
-(decompression bomb), a member over `max_bytes`, a truncated or unreadable shard. The counters live in
+(decompression bomb), a member over `max_bytes`, a truncated or unreadable shard, a shard deleted
+mid-run (missing_shard). A dataset where every sample is bad raises ValueError after one pass instead
+of looping forever. The counters live in
 the process that reads: with DataLoader workers each worker counts its own (and warns).
 """
 import csv
@@ -206,8 +208,13 @@ def iter_tar(path, max_bytes):
                     cur['__error__'] = 'oversized_member'  # not read: the stream skips its bytes
                     continue
                 cur[ext] = tf.extractfile(m).read()
+            # a whole tar ends with zero blocks; one cut at a member boundary just stops: not a clean end
+            if tf.fileobj.comptype == 'tar' and tf.offset + tarfile.BLOCKSIZE > os.fstat(f.fileno()).st_size:
+                raise tarfile.ReadError('no end-of-archive block')
         if cur:
             yield cur
+    except FileNotFoundError:  # deleted or unmounted since the shard list was made
+        yield {'__key__': None, '__error__': 'missing_shard'}
     except (tarfile.TarError, EOFError, OSError, zlib.error):
         yield {'__key__': None, '__error__': 'truncated_shard'}
 
@@ -230,7 +237,12 @@ def _has_images(d):
 def iter_dir(path, max_bytes):
     """Raw samples of one directory of KEY.jpg + KEY.txt (+ KEY.json) files."""
     groups = {}
-    for name in sorted(os.listdir(path)):
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:  # deleted or unmounted since the shard list was made
+        yield {'__key__': None, '__error__': 'missing_shard'}
+        return
+    for name in names:
         full = os.path.join(path, name)
         key, ext = _split_name(name)
         if key is not None and os.path.isfile(full):
@@ -240,11 +252,14 @@ def iter_dir(path, max_bytes):
         for ext, full in members.items():
             if ext not in IMAGE_EXTS + TEXT_EXTS + ('json',):
                 continue
-            if os.path.getsize(full) > max_bytes:
-                sample['__error__'] = 'oversized_member'
-                continue
-            with open(full, 'rb') as f:
-                sample[ext] = f.read()
+            try:
+                if os.path.getsize(full) > max_bytes:
+                    sample['__error__'] = 'oversized_member'
+                    continue
+                with open(full, 'rb') as f:
+                    sample[ext] = f.read()
+            except OSError:  # deleted since listed: the sample is skipped as incomplete
+                sample['__error__'] = 'missing_file'
         yield sample
 
 
@@ -396,10 +411,11 @@ class ImageTextDataset(IterableDataset):
                 self.stats['samples'] += 1
                 n += 1
                 yield ex
-            if n == 0:
+            if n == 0:  # every sample bad: stop with one sentence rather than spin over the data forever
                 mine = self.my_items(epoch, unit, units)
-                raise RuntimeError(f'no readable sample in {len(mine)} item(s) starting with {self.name(mine[0])}; '
-                                   f'skipped: {dict(self.stats)}')
+                raise ValueError(f'no readable sample in {len(mine)} item(s) starting with {self.name(mine[0])}: '
+                                 f'all were skipped ({", ".join(f"{r} {c}" for r, c in sorted(self.stats.items()))}); '
+                                 f'check the data (see {README})')
             epoch += 1
 
     def captions(self, n):
@@ -422,12 +438,13 @@ def _read_record(record, max_bytes):
     path, caption = record
     # COCO lists all of an image's captions: example() draws one with the stream's rng
     sample = {'__key__': path, 'captions' if isinstance(caption, list) else 'txt': caption}
-    if not os.path.isfile(path):
+    try:
+        if os.path.getsize(path) > max_bytes:
+            return [{'__key__': path, '__error__': 'oversized_member'}]
+        with open(path, 'rb') as f:
+            sample['jpg'] = f.read()
+    except OSError:  # missing, or deleted since the list was read
         return [{'__key__': path, '__error__': 'missing_image'}]
-    if os.path.getsize(path) > max_bytes:
-        return [{'__key__': path, '__error__': 'oversized_member'}]
-    with open(path, 'rb') as f:
-        sample['jpg'] = f.read()
     return [sample]
 
 
