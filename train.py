@@ -667,7 +667,8 @@ def evaluate(model, vae, args, device, log=print):
     """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
     keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
                                                    "position", "color_attr")),
-            "caption_accuracy", "vqa_accuracy", "edit_accuracy"]
+            "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
+            "edit_accuracy"]
     out = dict.fromkeys(keys)
     model.eval()
     if args.dataset == "shapes":

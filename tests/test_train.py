@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--batch_size", "16", "--warmup", "5", "--log_interval", "1", "--eval_interval", "1000",
         "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"]
 EVAL_KEYS = {"gen_accuracy", "gen/single_object", "gen/two_object", "gen/counting", "gen/colors", "gen/position",
-             "gen/color_attr", "caption_accuracy", "vqa_accuracy", "edit_accuracy", "val_loss_image", "val_loss_text"}
+             "gen/color_attr", "caption_accuracy", "vqa_accuracy", "edit_accuracy", "val_loss_image", "val_loss_text",
+             "gen_heldout_pairs", "gen_seen_pairs", "caption_heldout_pairs"}   # held-out colour-shape compositions
 
 
 @pytest.fixture(autouse=True, scope="module")
