@@ -12,6 +12,13 @@ so these two runs see the same data and compute the same gradients:
         --grad_accum 8
     python train.py --dataset cc3m --data_dir DIR --model base --vae sd:V --grad_accum 8
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
+A model whose AdamW state does not fit on one GPU: FSDP2 shards weights, gradients and optimizer state over
+the processes (checkpoints stay full and plain: resume or sample them with any process count):
+    torchrun --standalone --nproc_per_node 8 train.py --dataset cc3m --data_dir DIR --model gemma2-2b \
+        --init_from gemma:GEMMA_DIR --vae mar:kl16.ckpt --fsdp --grad_checkpoint
+Real data without the VAE encoder in every step: encode each image once (data/latents.py), train on that:
+    python vae.py --encode --vae sd:V --dataset cc3m --data_dir DIR --resolution 256 --out_dir LATENTS --device cuda
+    python train.py --dataset latents --data_dir LATENTS --model base        # --vae and --resolution from LATENTS
 Continue a run exactly (same flags as the run unless given again), evaluate it, sample from it:
     python train.py --init_from resume --out_dir out/shapes
     python train.py --eval_only --out_dir out/shapes            # -> out/shapes/eval.json
@@ -104,7 +111,8 @@ def build_parser():
                                 usage="python train.py [--flag value ...]   (--help lists every flag)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="shapes", help="shapes (built in), cc3m, coco, cc12m: see data/README.md")
+    g.add_argument("--dataset", default="shapes", help="shapes (built in), cc3m, coco, cc12m, or latents "
+                                                       "(pre-encoded by python vae.py --encode): see data/README.md")
     g.add_argument("--data_dir", default=None, help="where a real dataset lives (shapes needs none)")
     g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
     g.add_argument("--tasks", type=task_shares, default=None,
@@ -448,15 +456,19 @@ class ShardStream:
 
 
 def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
-    """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it."""
+    """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
+    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`)."""
     cfg = model.cfg
     tasks = [e["task"] for e in examples]
     prompts = model.drop_prompts(tasks, [e["prompt"] for e in examples], cfg_dropout, generator)
     gen_rows = [i for i, t in enumerate(tasks) if t in ("t2i", "edit")]
     gen_tokens = None
     if gen_rows:
-        with torch.no_grad():
-            lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device))
+        if "output_latent" in examples[0]:
+            lat = torch.stack([examples[i]["output_latent"] for i in gen_rows]).to(device)
+        else:
+            with torch.no_grad():
+                lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device))
         tok = patchify(lat.float(), cfg.patch_size)                            # (G, N, Dt)
         gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
         gen_tokens[gen_rows] = tok
@@ -766,6 +778,13 @@ def main(argv=None):
             if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "dump_grads",
                                                     "debug_nan_steps", "stop_at", "time_budget", "fsdp"):
                 setattr(args, k, v)
+    if args.dataset == "latents" and args.init_from != "resume":   # the VAE and size they were encoded with
+        from data.latents import read_meta
+        with dataset_errors():
+            meta = read_meta(args.data_dir)
+        if args.vae and args.vae != meta["vae"]:
+            log(f"warning: --vae {args.vae} differs from {meta['vae']}, the VAE of the latents in {args.data_dir}")
+        args.vae, args.resolution = args.vae or meta["vae"], args.resolution or meta["resolution"]
     args.grad_accum = args.grad_accum or world
     if args.grad_accum % world:
         raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")

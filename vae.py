@@ -553,9 +553,11 @@ def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu',
     return vae
 
 
-def main():
+def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description='Train the VAE that turns images into UniFluid tokens.')
+    p = argparse.ArgumentParser(description='Train the VAE that turns images into UniFluid tokens; or, with '
+                                            '--encode, encode a real dataset once into latents for '
+                                            'train.py --dataset latents --data_dir OUT_DIR (data/latents.py).')
     p.add_argument('--dataset', default='shapes', help="a dataset name known to data.build_dataset")
     p.add_argument('--data_dir', default=None, help='where the dataset lives (not needed for shapes)')
     p.add_argument('--out_dir', default='out/vae')
@@ -570,9 +572,17 @@ def main():
     p.add_argument('--threads', type=int, default=0,
                    help="torch CPU threads (0 = torch's default). On a CPU shared with other jobs, "
                         "1 avoids OpenMP threads spin-waiting on each other (5-10x slower steps)")
-    args = p.parse_args()
+    g = p.add_argument_group('--encode: pre-encode a real dataset (as MAR does), instead of training')
+    g.add_argument('--encode', action='store_true', help='write OUT_DIR/{split}-*.pt latent shards + meta.json')
+    g.add_argument('--vae', default='', help='the VAE to encode with: our vae.pt, sd:DIR or mar:PATH')
+    g.add_argument('--split', default='train', help='which split of the dataset to encode')
+    g.add_argument('--shard_size', type=int, default=2000, help='images per latent shard')
+    g.add_argument('--latent_dtype', choices=['float16', 'float32'], default='float16')
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encode:
+        return encode_main(args, p)
 
     from data import build_dataset  # lazy: vae.py itself must not need data/
     # t2i examples only: every one carries a real image (in other tasks one image slot is zeros)
@@ -585,6 +595,23 @@ def main():
                     kl_weight=args.kl_weight, seed=args.seed)
     print(json.dumps({'result': 'vae', 'psnr_db': round(vae.psnr, 2), 'seconds': round(time.time() - t0, 1),
                       'scale_factor': round(vae.scale_factor, 5), 'steps': args.steps}))
+
+
+def encode_main(args, parser):
+    from data.latents import encode_dataset
+    if not args.vae:
+        parser.error('--encode needs --vae: the VAE train.py will decode with (our vae.pt, sd:DIR or mar:PATH)')
+    spec = args.vae if ':' in args.vae[:4] else os.path.abspath(args.vae)
+    t0 = time.time()
+    try:
+        n = encode_dataset(load_vae(spec, args.device), spec, args.dataset, args.data_dir, args.out_dir, args.split,
+                           args.resolution, args.batch_size, args.shard_size, getattr(torch, args.latent_dtype),
+                           args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'vae.py: error: {e}') from None
+    print(json.dumps({'result': 'encode', 'samples': n, 'out_dir': args.out_dir,
+                      'seconds': round(time.time() - t0, 1)}))
+    return n
 
 
 if __name__ == '__main__':

@@ -115,14 +115,19 @@ def build_dataset(name, data_dir=None, split='train', resolution=32, seed=0, tas
     """The IterableDataset train.py reads. name: 'shapes' (embedded, no files) or one of
     REAL_DATASETS with data_dir (see data/README.md). tasks: shares per task, None = the dataset's
     default. kwargs go to the dataset class: shapes num_samples (None = endless), max_objects,
-    full_caption_prob; real data shuffle, shuffle_buffer, epochs, max_pixels, max_bytes."""
+    full_caption_prob; real data shuffle, shuffle_buffer, epochs, max_pixels, max_bytes. 'latents' with
+    data_dir = a folder of pre-encoded latents (data/latents.py) yields an extra key, output_latent."""
     if name == 'shapes':
         return ShapesDataset(split, resolution, seed, tasks, rank, world_size, **kwargs)
+    if name == 'latents':  # pre-encoded VAE latents of a real dataset (data/latents.py)
+        from .latents import LatentDataset
+        return LatentDataset(data_dir, split, resolution, seed, task_shares(tasks, REAL_TASKS, ('t2i', 'caption')),
+                             rank, world_size, **kwargs)
     if name in REAL_DATASETS:
         from .imagetext import build_imagetext
         return build_imagetext(name, data_dir, split, resolution, seed, task_shares(tasks, REAL_TASKS, ('t2i', 'caption')),
                                rank, world_size, **kwargs)
-    raise ValueError(f'unknown dataset {name!r}; expected shapes or one of {REAL_DATASETS}')
+    raise ValueError(f'unknown dataset {name!r}; expected shapes, latents or one of {REAL_DATASETS}')
 
 
 def text_corpus(name, data_dir=None, n=2000, seed=0):
@@ -144,6 +149,9 @@ def text_corpus(name, data_dir=None, n=2000, seed=0):
             else:
                 out.append(shapes.random_edit(rng, 'test', res)[1])
         return out[:max(n, 1)]
+    if name == 'latents':
+        from .latents import LatentDataset
+        return LatentDataset(data_dir, shuffle=False).captions(n)
     if name in REAL_DATASETS:
         from .imagetext import caption_corpus
         return caption_corpus(name, data_dir, n, seed)

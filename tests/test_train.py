@@ -1,4 +1,5 @@
 """train.py as a user runs it: tiny model, 32 px shapes, an untrained tiny VAE, a few steps each."""
+import itertools
 import json
 import os
 import signal
@@ -164,6 +165,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path):
     (["--order", "diagonal"], ["--order", "invalid choice"]),
     (["--tasks", "t2i=0.5,paint=0.5"], ["--tasks", "t2i, caption, vqa, edit"]),
     (["--init_from", "resume", "--out_dir", "/nonexistent/run"], ["no checkpoint", "python train.py"]),
+    (["--fsdp"], ["--fsdp", "torchrun --nproc_per_node N"]),
 ])
 def test_bad_input_is_one_clear_sentence(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -172,3 +174,93 @@ def test_bad_input_is_one_clear_sentence(argv, words, capsys):
     assert e.value.code != 0 and "Traceback" not in message
     last = message.splitlines()[-1]
     assert all(w in last for w in words), message
+
+
+def torchrun(nproc, *argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), os.path.join(ROOT, "train.py"), *argv], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(tmp_path, vae_path):
+    """torchrun --fsdp (FSDP2 over gloo, with activation checkpointing): the gathered first-step gradients
+    and every step's loss equal one process's on the same global batch; the checkpoint is a full, plain
+    state dict that load_checkpoint reads; a sharded run resumes from it exactly."""
+    flags = [*FAST, "--vae", vae_path, "--batch_size", "8", "--grad_accum", "2", "--max_steps", "3"]
+    train.main([*flags, "--out_dir", str(tmp_path / "one"), "--dump_grads", str(tmp_path / "g1.pt")])
+    sharded = [*flags, "--out_dir", str(tmp_path / "two"), "--fsdp", "--grad_checkpoint"]
+    torchrun(2, *sharded, "--stop_at", "2", "--dump_grads", str(tmp_path / "g2.pt"))
+    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(type(v) is torch.Tensor for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
+    plain = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert ckpt["model"].keys() == plain["model"].keys()
+    assert ckpt["optimizer"]["param_groups"][0]["params"] == plain["optimizer"]["param_groups"][0]["params"]
+    torchrun(2, *sharded, "--init_from", "resume")
+    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+    keys = ("step", "loss", "loss_image", "loss_text", "lr")
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5)
+    model, _, _, _ = train.load_checkpoint(str(tmp_path / "two"))       # sample.py's loader, no process group
+    assert model.generate_text(torch.zeros(1, 3, 32, 32), [""], max_new_tokens=2)
+
+
+def write_wds(path, n, resolution=32, seed=0):
+    """One WebDataset shard of n shapes scenes (PNG + caption), like img2dataset writes."""
+    import io
+    import tarfile
+    import numpy as np
+    from data import shapes
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            scene = shapes.random_scene(rng, "train", resolution)
+            buf = io.BytesIO()
+            shapes.render(scene, resolution).save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", shapes.caption(scene).encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_pre_encoded_latents_equal_the_vae_and_train_alike(tmp_path, vae_path):
+    """python vae.py --encode writes each image's latent, image and caption once; --dataset latents then
+    trains exactly as the images would (the same first-step loss), without running the VAE encoder."""
+    import vae as vae_lib
+    from data import build_dataset
+    from data.latents import LatentDataset
+    (tmp_path / "wds").mkdir()
+    write_wds(tmp_path / "wds" / "00000.tar", 40)
+    wds, lat = str(tmp_path / "wds"), str(tmp_path / "lat")
+    encode = ["--encode", "--vae", vae_path, "--dataset", "wds", "--data_dir", wds, "--resolution", "32"]
+    assert vae_lib.main([*encode, "--out_dir", lat, "--latent_dtype", "float32"]) == 40
+    shard = torch.load(os.path.join(lat, "train-00000.pt"), weights_only=True)
+    source = list(build_dataset("wds", data_dir=wds, resolution=32, tasks={"t2i": 1.0}, shuffle=False, epochs=1))
+    images = torch.stack([e["output_image"] for e in source])
+    torch.testing.assert_close(shard["latents"], vae_lib.load_vae(vae_path).encode(images), rtol=1e-5, atol=1e-5)
+    assert torch.equal(shard["images"].float() / 127.5 - 1, images)
+    assert shard["captions"] == [e["prompt"] for e in source]
+    assert vae_lib.main([*encode, "--out_dir", str(tmp_path / "lat16")]) == 40     # the default: float16
+    half = torch.load(tmp_path / "lat16" / "train-00000.pt", weights_only=True)["latents"]
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), shard["latents"], atol=2e-3)
+    # examples: the same keys for every task (default collate), a latent instead of the VAE
+    batch = torch.utils.data.default_collate(list(itertools.islice(iter(LatentDataset(lat)), 16)))
+    assert set(batch) == {"task", "input_image", "output_image", "output_latent", "prompt", "answer"}
+    assert batch["output_latent"].shape == (16, 4, 8, 8)
+    # one training step each way (the latents run finds its VAE and resolution in meta.json)
+    flags = [*FAST, "--max_steps", "1", "--t2i", "0.5", "--caption", "0.5", "--eval_interval", "1000"]
+    train.main([*flags, "--dataset", "wds", "--data_dir", wds, "--vae", vae_path, "--resolution", "32",
+                "--out_dir", str(tmp_path / "from_images")])
+    train.main([*flags, "--dataset", "latents", "--data_dir", lat, "--out_dir", str(tmp_path / "from_latents")])
+    a, b = read_log(tmp_path / "from_images")[0], read_log(tmp_path / "from_latents")[0]
+    for k in ("loss", "loss_image", "loss_text"):
+        assert abs(a[k] - b[k]) < 1e-5 * abs(a[k]), (k, a[k], b[k])
+    with pytest.raises(SystemExit, match="vae.py --encode"):
+        train.main([*flags, "--dataset", "latents", "--data_dir", wds, "--out_dir", str(tmp_path / "none")])
