@@ -548,6 +548,14 @@ def measure_matmul_flops(device, dtype, seconds=1.0):
     return best
 
 
+def peak_memory(device):
+    """Bytes: the GPU's peak allocation, or on CPU the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_flops(device, dtype):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -1052,7 +1060,7 @@ def main(argv=None):
         log(json.dumps({"result": "train", "step": step, "loss": last.get("loss"), "loss_image": last.get("loss_image"),
                         "loss_text": last.get("loss_text"), "tokens_per_s": last.get("tokens_per_s"),
                         "mfu": last.get("mfu"), "seconds": round(time.time() - t_start, 1), "skipped": bad_total,
-                        **result, "checkpoint": ckpt_path}))
+                        "peak_memory_gb": round(peak_memory(device) / 2**30, 3), **result, "checkpoint": ckpt_path}))
     if ddp:
         dist.barrier()                   # let rank 0 finish its checkpoint and evaluation
         dist.destroy_process_group()
