@@ -19,7 +19,7 @@ Nothing here knows about files, datasets or the command line.
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn

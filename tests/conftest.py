@@ -17,3 +17,13 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    """An untrained small VAE (32 px -> 8x8x4 latents): training speed does not depend on its quality."""
+    from vae import AutoencoderKL, VAEConfig, save_vae
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
+    save_vae(AutoencoderKL(VAEConfig.preset("shapes", ch=8, norm_groups=4)), path)
+    return path

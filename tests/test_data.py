@@ -1,7 +1,6 @@
 """data/: the shapes dataset and its oracle, and the real image-text readers (issue 4)."""
 import io
 import json
-import os
 import tarfile
 
 import numpy as np

@@ -39,15 +39,6 @@ SAMPLE_FAST = ["--num_iter", "2", "--diffusion_steps", "2", "--max_new_tokens", 
 
 
 @pytest.fixture(scope="module")
-def vae_path(tmp_path_factory):
-    from vae import AutoencoderKL, VAEConfig, save_vae
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
-    save_vae(AutoencoderKL(VAEConfig.preset("shapes", ch=8, norm_groups=4)), path)   # 32 px -> 8x8x4 latents
-    return path
-
-
-@pytest.fixture(scope="module")
 def sigterm_run(tmp_path_factory, vae_path):
     """train.py in a subprocess, sent SIGTERM after two logged steps: (process, stdout, stderr, out_dir)."""
     out = tmp_path_factory.mktemp("run")

@@ -21,24 +21,6 @@ EVAL_KEYS = {"gen_accuracy", "gen/single_object", "gen/two_object", "gen/countin
              "gen_heldout_pairs", "gen_seen_pairs", "caption_heldout_pairs"}   # held-out colour-shape compositions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process slow tiny ops ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vae_path(tmp_path_factory):
-    from vae import AutoencoderKL, VAEConfig, save_vae
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
-    save_vae(AutoencoderKL(VAEConfig.preset("shapes", ch=8, norm_groups=4)), path)   # 32 px -> 8x8x4 latents
-    return path
-
-
 def run(out_dir, vae_path, *flags):
     return train.main([*FAST, "--vae", vae_path, "--out_dir", str(out_dir), *flags])
 

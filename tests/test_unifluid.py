@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unifluid import (KIND_GEN, KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
+from unifluid import (KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
                       GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
                       estimate_flops_per_example, patchify, positions, random_masking, unpatchify)
 
