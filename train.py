@@ -132,7 +132,8 @@ def build_parser():
     g.add_argument("--order", choices=["random", "raster"], default="random", help="image token order: MAR or raster")
     g.add_argument("--vae", default="", help="our vae.pt, sd:DIR or mar:PATH; empty = train/reuse the shapes "
                                             "VAE at <out_dir>/../vae/vae.pt")
-    g.add_argument("--vae_steps", type=positive_int, default=3000, help="steps when the VAE must be trained first")
+    g.add_argument("--vae_steps", type=positive_int, default=800, help="steps when the VAE must be trained first "
+                   "(800: 35 dB PSNR on shapes in ~4-8 min on 2 cores)")
     g.add_argument("--init_from", default="scratch", help="scratch, resume (<out_dir>/ckpt.pt), a checkpoint path, "
                                                          "or gemma:DIR (Hugging Face Gemma-1/2/3 text weights)")
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
