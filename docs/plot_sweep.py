@@ -43,6 +43,8 @@ for a in (0, 0.25, 0.5, 0.75, 1.0):
     d.text((L - 34, py(a) - 6), f"{a:.2f}", fill="black")
 for w, _ in runs:
     d.line([px(w), H - B, px(w), H - B + 4], fill="black")
+    if w == 1 or all(abs(px(w) - px(v)) > 25 for v, _ in runs if v > w):   # label ticks that do not overlap
+        d.text((px(w) - 8, H - B + 6), f"{w:g}", fill="black")
 d.text((L + 120, H - 22), "image_weight w  (0 = understanding only, 1 = generation only)", fill="black")
 for i, (k, label, color) in enumerate(keys):
     pts = [(px(w), py(r[k])) for w, r in runs]
