@@ -25,12 +25,14 @@ keys = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
         ("caption_accuracy", "caption accuracy", (40, 90, 200)),
         ("vqa_accuracy", "VQA accuracy", (30, 150, 60))]
 print("| image_weight | " + " | ".join(k for k, _, _ in keys) + " | " +
-      " | ".join(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")) + " |")
-print("|---" * (4 + 6) + "|")
+      " | ".join(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")) +
+      " | val_loss_image | val_loss_text |")
+print("|---" * (4 + 6 + 2) + "|")
 for w, r in runs:
     print(f"| {w:g} | " + " | ".join(f"{r[k]:.3f}" for k, _, _ in keys) + " | " +
           " | ".join(f"{r['gen/' + t]:.2f}" for t in ("single_object", "two_object", "counting", "colors",
-                                                        "position", "color_attr")) + " |")
+                                                        "position", "color_attr")) +
+          f" | {r['val_loss_image']:.4f} | {r['val_loss_text']:.4f} |")
 
 W, H, L, B, T, R = 640, 400, 60, 50, 20, 190          # size and margins (left, bottom, top, right)
 img = Image.new("RGB", (W, H), "white")
