@@ -71,7 +71,7 @@ class Config:
     # training-time behaviour
     image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (SPEC section 3)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
-    dropout: float = 0.0
+    dropout: float = 0.0           # residual dropout in the decoder blocks (training only)
 
     @property
     def num_image_tokens(self):    # N generated slots
@@ -84,10 +84,6 @@ class Config:
     @property
     def num_und_tokens(self):      # M understanding slots
         return (self.image_size // self.vit_patch) ** 2
-
-    @property
-    def max_seq_len(self):         # und block + text + image block, with specials
-        return self.num_und_tokens + 2 * self.max_text_len + 4 + self.num_image_tokens
 
     def layer_is_global(self, i):
         if self.sliding_window <= 0:
@@ -338,12 +334,13 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff)
         self.post_feedforward_layernorm = sandwich()
-        self.is_global = cfg.layer_is_global(layer)
+        self.is_global, self.dropout = cfg.layer_is_global(layer), cfg.dropout
 
     def forward(self, x, pos, masks, cache=None, start=0):
         mask = masks["global" if self.is_global else "local"]
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, mask, cache, start))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        drop = lambda y: F.dropout(y, self.dropout, self.training) if self.dropout > 0 else y
+        x = x + drop(self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, mask, cache, start)))
+        return x + drop(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
 
 
 class Gemma(nn.Module):

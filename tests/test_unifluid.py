@@ -311,3 +311,13 @@ def test_presets_and_patchify():
     cfg = Config.preset("small")
     f = estimate_flops_per_example(cfg, {"t2i": 0.5, "caption": 0.5})
     assert 6 * 2e6 * 20 < f < 6 * 6e6 * 60
+
+
+def test_dropout_is_active_in_training_only():
+    m = tiny(dropout=0.5)
+    b = batch_for(m, ["vqa"], ["what color?"], ["red"])
+    m.train()
+    a, c = hidden(m, b), hidden(m, b)
+    assert not torch.allclose(a, c)                            # a new dropout mask each call
+    m.eval()
+    assert torch.equal(hidden(m, b), hidden(m, b))
