@@ -662,23 +662,26 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     out = {}
     prompts = shapes.eval_prompts(n_per_task, seed=args.seed, split="test", resolution=res)
     images = gen([p["prompt"] for p in prompts])
+    hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts)]      # each image scored once
+
+    def mean(keep, scores, items):       # mean score over the items that `keep` selects
+        xs = [x for x, item in zip(scores, items) if keep(item)]
+        return sum(xs) / max(1, len(xs))
     for task in shapes.TASKS:
-        hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts) if p["task"] == task]
-        out[f"gen/{task}"] = sum(hits) / len(hits)
+        out[f"gen/{task}"] = mean(lambda p: p["task"] == task, hits, prompts)
     out["gen_accuracy"] = sum(out[f"gen/{t}"] for t in shapes.TASKS) / len(shapes.TASKS)
     for name, held in (("gen_heldout_pairs", True), ("gen_seen_pairs", False)):   # colors / color_attr prompts:
-        hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts)  # compositions never seen
-                if p["task"] in ("colors", "color_attr") and p["heldout"] == held]   # in training vs seen ones
-        out[name] = sum(hits) / max(1, len(hits))
+        out[name] = mean(lambda p: p["task"] in ("colors", "color_attr") and p["heldout"] == held,  # compositions
+                         hits, prompts)                              # never seen in training vs seen ones
     log(f"eval: generation {out['gen_accuracy']:.3f} on {len(prompts)} held-out prompts")
     scenes = shapes.eval_scenes(2 * n_per_task, seed=args.seed, split="test", resolution=res)
     und = from_pil([s["image"] for s in scenes], res)
     text = lambda prompts: [t for i in range(0, len(prompts), 128) for t in model.generate_text(
         und[i:i + 128], prompts[i:i + 128], max_new_tokens=model.cfg.max_text_len)]
     caps = text([""] * len(scenes))       # captioning reads no prompt (data/__init__.py)
-    out["caption_accuracy"] = sum(shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes)) / len(scenes)
-    held = [shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes) if s["heldout"]]
-    out["caption_heldout_pairs"] = sum(held) / max(1, len(held))
+    cap_scores = [shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes)]
+    out["caption_accuracy"] = mean(lambda s: True, cap_scores, scenes)
+    out["caption_heldout_pairs"] = mean(lambda s: s["heldout"], cap_scores, scenes)
     answers = text([s["question"] for s in scenes])
     out["vqa_accuracy"] = sum(shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)) / len(scenes)
     edited = gen([s["instruction"] for s in scenes], und)

@@ -101,7 +101,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, vae_path):
     assert "over 2 process(es)" in proc.stdout
     two = read_log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2] and all(r["loss"] == r["loss"] for r in two)
-    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    g1, g2 = (torch.load(tmp_path / f, weights_only=True) for f in ("g1.pt", "g2.pt"))
     zero = lambda g, n: g.get(n, torch.zeros_like((g1 | g2)[n]))   # unused parameter: None vs zeros
     for n in g1.keys() | g2.keys():
         torch.testing.assert_close(zero(g2, n), zero(g1, n), rtol=1e-4, atol=1e-6, msg=n)
@@ -181,7 +181,7 @@ def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(tmp_path, v
     assert ckpt["model"].keys() == plain["model"].keys()
     assert ckpt["optimizer"]["param_groups"][0]["params"] == plain["optimizer"]["param_groups"][0]["params"]
     torchrun(2, *sharded, "--init_from", "resume")
-    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    g1, g2 = (torch.load(tmp_path / f, weights_only=True) for f in ("g1.pt", "g2.pt"))
     assert g1.keys() == g2.keys()
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
