@@ -1,7 +1,7 @@
-"""Draw the --image_weight trade-off (paper Fig. 3, at small scale) from the eval.json of each run.
+"""Draw the --image_weight trade-off (paper Fig. 3, at small scale) from the shapes eval.json of each run.
 
-    bash docs/sweep.sh                 # trains and evaluates one run per weight into out/sweep/w<weight>
-    python docs/plot_sweep.py          # -> docs/tradeoff.png, and the markdown table on stdout
+    (the loop in README.md, "The trade-off")   # one run per weight into out/sweep/w<weight>
+    python data/plot_sweep.py                  # -> docs/tradeoff.png (the README's figure), table on stdout
 
 Pillow only (no matplotlib): x = image_weight, y = held-out accuracy of generation, captions, VQA.
 """
@@ -19,7 +19,7 @@ for path in glob.glob(os.path.join(root, "w*", "eval.json")):
     runs.append((w, json.load(open(path))))
 runs.sort()
 if not runs:
-    raise SystemExit(f"no {root}/w*/eval.json: run docs/sweep.sh first")
+    raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
 
 keys = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
         ("caption_accuracy", "caption accuracy", (40, 90, 200)),
@@ -54,6 +54,6 @@ for i, (k, label, color) in enumerate(keys):
     for x, y in pts:
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
     d.text((W - R + 10, T + 20 + 18 * i), label, fill=color)
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tradeoff.png")
+out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "tradeoff.png")
 img.save(out)
 print(f"wrote {out}", file=sys.stderr)
