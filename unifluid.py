@@ -53,7 +53,9 @@ class Config:
     max_text_len: int = 32         # longest prompt/answer in tokens (longer ones are truncated)
     # understanding encoder (SigLIP-layout ViT)
     image_size: int = 32           # pixels of the images the ViT reads
-    vit_patch: int = 8             # ViT patch size -> (image_size / vit_patch)^2 und slots
+    vit_patch: int = 8             # ViT patch size -> (image_size / vit_patch)^2 ViT tokens
+    vit_pool: int = 1              # k x k neighbouring ViT outputs concatenated into one und slot
+                                   # (pixel shuffle, as Idefics3 / InternVL): fine patches, few slots
     vit_width: int = 128
     vit_layers: int = 2
     vit_heads: int = 4
@@ -63,6 +65,7 @@ class Config:
     latent_channels: int = 4       # VAE latent channels
     patch_size: int = 2            # p x p latent cells form one token -> token_dim = p*p*C
     order: str = "random"          # "random" (MAR masking, bidirectional block) or "raster" (causal AR)
+    mask_ratio_min: float = 0.7    # training mask ratios: MAR's normal(1, 0.25) truncated to [this, 1]
     # diffusion head (MAR's SimpleMLPAdaLN)
     head_width: int = 256
     head_depth: int = 3
@@ -82,8 +85,12 @@ class Config:
         return self.patch_size * self.patch_size * self.latent_channels
 
     @property
-    def num_und_tokens(self):      # M understanding slots
+    def num_vit_tokens(self):      # patches the ViT reads
         return (self.image_size // self.vit_patch) ** 2
+
+    @property
+    def num_und_tokens(self):      # M understanding slots in the decoder
+        return (self.image_size // self.vit_patch // self.vit_pool) ** 2
 
     def layer_is_global(self, i):
         if self.sliding_window <= 0:
@@ -456,7 +463,7 @@ class ViTLayer(nn.Module):
 class VisionEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d, n = cfg.vit_width, cfg.num_und_tokens
+        d, n, self.pool = cfg.vit_width, cfg.num_vit_tokens, cfg.vit_pool
         self.embeddings = nn.Module()
         self.embeddings.patch_embedding = nn.Conv2d(3, d, cfg.vit_patch, stride=cfg.vit_patch)
         self.embeddings.position_embedding = nn.Embedding(n, d)
@@ -464,12 +471,16 @@ class VisionEncoder(nn.Module):
         self.encoder.layers = nn.ModuleList(ViTLayer(d, cfg.vit_heads, cfg.vit_mlp) for _ in range(cfg.vit_layers))
         self.post_layernorm = nn.LayerNorm(d, eps=1e-6)
 
-    def forward(self, images):         # (B, 3, H, W) in [-1, 1] -> (B, M, vit_width)
-        x = self.embeddings.patch_embedding(images).flatten(2).transpose(1, 2)
-        x = x + self.embeddings.position_embedding.weight
+    def forward(self, images):         # (B, 3, H, W) in [-1, 1] -> (B, M, vit_width * vit_pool^2)
+        x = self.embeddings.patch_embedding(images)
+        B, d, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2) + self.embeddings.position_embedding.weight
         for layer in self.encoder.layers:
             x = layer(x)
-        return self.post_layernorm(x)
+        x, k = self.post_layernorm(x), self.pool
+        if k > 1:                      # pixel shuffle: each k x k block of outputs becomes one slot
+            x = x.view(B, h // k, k, w // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(B, (h // k) * (w // k), k * k * d)
+        return x
 
 # -----------------------------------------------------------------------------
 # 6. Continuous image tokens: VAE latent grid <-> sequence of p*p*C tokens
@@ -492,11 +503,11 @@ def unpatchify(tokens, p, C):
 # 7. Random-order masking (MAR) and the raster-order ablation
 
 
-def sample_mask_ratio(generator=None, device="cpu"):
-    """Truncated normal centred at 1.0, std 0.25, on [0.7, 1.0] (MAR), one ratio per step."""
+def sample_mask_ratio(generator=None, device="cpu", low=0.7):
+    """Truncated normal centred at 1.0, std 0.25, on [low, 1.0] (MAR: low 0.7), one ratio per step."""
     while True:
         r = 1.0 + 0.25 * torch.randn((), generator=generator, device=device).item()
-        if 0.7 <= r <= 1.0:
+        if low <= r <= 1.0:
             return r
 
 
@@ -510,9 +521,9 @@ def mask_by_order(num_masked, orders):
     return mask.scatter(1, orders[:, :num_masked], True)
 
 
-def random_masking(B, N, generator=None, device="cpu"):
-    """Training mask: per example a random permutation, per step a ratio in [0.7, 1]."""
-    num_masked = math.ceil(N * sample_mask_ratio(generator, device))
+def random_masking(B, N, generator=None, device="cpu", low=0.7):
+    """Training mask: per example a random permutation, per step a ratio in [low, 1]."""
+    num_masked = math.ceil(N * sample_mask_ratio(generator, device, low))
     return mask_by_order(num_masked, random_orders(B, N, generator, device))
 
 # -----------------------------------------------------------------------------
@@ -629,7 +640,7 @@ class UniFluid(nn.Module):
         D, N = cfg.d_model, cfg.num_image_tokens
         self.llm = Gemma(cfg)
         self.vision = VisionEncoder(cfg)
-        self.und_proj = nn.Linear(cfg.vit_width, D)            # ViT features -> und slots
+        self.und_proj = nn.Linear(cfg.vit_width * cfg.vit_pool ** 2, D)   # ViT features -> und slots
         self.img_proj = nn.Linear(cfg.token_dim, D)            # continuous token -> gen slot
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
@@ -729,7 +740,7 @@ class UniFluid(nn.Module):
         if "gen_tokens" in batch:
             tokens = batch["gen_tokens"].float()
             B, N, _ = tokens.shape
-            img_mask = random_masking(B, N, generator, tokens.device) if cfg.order == "random" \
+            img_mask = random_masking(B, N, generator, tokens.device, cfg.mask_ratio_min) if cfg.order == "random" \
                 else torch.ones(B, N, dtype=torch.bool, device=tokens.device)
             gen_in = self.gen_inputs(tokens, img_mask)
         h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind, batch.get("segment")),
@@ -875,7 +886,7 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
     head = (cfg.token_dim + D + 2 * w) * w + cfg.head_depth * 5 * w * w + 2 * w * w + w * cfg.token_dim
     vw = cfg.vit_width
     vit = cfg.vit_layers * (4 * vw * vw + 2 * vw * cfg.vit_mlp) + 3 * cfg.vit_patch ** 2 * vw
-    N, M = cfg.num_image_tokens, cfg.num_und_tokens
+    N, M, V = cfg.num_image_tokens, cfg.num_und_tokens, cfg.num_vit_tokens
     masked = 0.86 * N if cfg.order == "random" else N
     total = 0.0
     for task, share in task_mix.items():
@@ -885,7 +896,7 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
         if gen:
             f += 6 * head * masked * cfg.diffusion_batch_mul
         if und:
-            f += 6 * vit * M + 6 * D * cfg.vocab_size * (text_len // 2)
+            f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
         total += share * f
     return total
 

@@ -235,12 +235,14 @@ def task_prompt(scene, task, rng):
     """(prompt, spec) of one GenEval task for a scene that prompt_tasks(scene) allows it for.
 
     Objects are named in random order, so every relation word appears in prompts (captions only use
-    'left of' and 'above'). The spec is what score_image checks.
+    'left of' and 'above'). The spec is what score_image checks. Every prompt of this dataset names
+    all of its scene's objects ('a circle' comes only from one-object scenes), so the spec is exact:
+    an image with extra objects fails, as otherwise a canvas full of random blobs would pass.
     """
     objs = list(scene.objects)
     if len(objs) == 2 and rng.random() < 0.5:
         objs = objs[::-1]
-    spec = {'objects': [], 'count': None, 'relation': None, 'exact': False}
+    spec = {'objects': [], 'count': None, 'relation': None, 'exact': True}
     if task == 'single_object':
         spec['objects'] = [_want(objs[0])]
         return f'a {objs[0].shape}', spec
@@ -575,19 +577,20 @@ def parse_caption(text):
 
 def parse_prompt(text):
     """The spec of any prompt in this dataset's language, so score_image can check free-form prompts:
-    'two circles' -> count 2; a full caption (every object with size and colour) -> exact."""
+    'two circles' -> count 2. Exact (no other objects), as every prompt of this dataset names all of
+    its scene's objects."""
     objs, rel = parse_caption(text)
     words = text.lower().split()
     spec = {'objects': [dict(o) for o in objs], 'count': None, 'relation': None, 'exact': False}
     numbers = [w for w in words if w in NUMBERS]
     if numbers and objs:
-        spec['objects'], spec['count'] = [dict(objs[0])], NUMBERS.index(numbers[0])
+        spec['objects'], spec['count'], spec['exact'] = [dict(objs[0])], NUMBERS.index(numbers[0]), True
         return spec
     if rel is not None:  # relation between parsed objects i and j: name them first and second
         i, j, word = rel
         spec['objects'] = [dict(objs[i]), dict(objs[j])] + [dict(o) for k, o in enumerate(objs) if k not in (i, j)]
         spec['relation'] = word
-    spec['exact'] = bool(objs) and all(o['size'] and o['color'] for o in objs)
+    spec['exact'] = bool(objs)
     return spec
 
 
