@@ -345,3 +345,18 @@ def test_score_image_rejects_noise_like_a_detector_would():
     grey_noise = [np.clip(128 + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8) for _ in prompts]
     assert not any(S.score_image(im, p['spec']) for im, p in zip(noise + grey_noise, prompts + prompts))
     assert S.read_objects(noise[0], strict=True) is None
+
+
+def test_extra_objects_fail_every_prompt():
+    """Every prompt names all of its scene's objects, so a canvas with more objects than named (the
+    output of an untrained model is many coloured blobs) fails, even when it contains the named ones."""
+    for i, p in enumerate(S.eval_prompts(10, seed=1)):
+        scene = p['scene']
+        assert S.score_image(S.render(scene), p['spec'])
+        extra = S.random_scene(np.random.default_rng(i), 'test', 32, n_objects=1).objects[0]
+        crowded = S.Scene(scene.objects + (extra,))
+        assert not S.satisfies(crowded.objects, p['spec']), p['prompt']
+    assert not S.satisfies([S.Obj('circle', 'red', 'small', 0.2, 0.2), S.Obj('square', 'blue', 'small', 0.7, 0.7)],
+                           S.parse_prompt('a circle'))
+    assert not S.satisfies([S.Obj('circle', 'red', 'small', 0.2, 0.2)] * 2 + [S.Obj('square', 'red', 'small', 0.7, 0.7)],
+                           S.parse_prompt('two circles'))

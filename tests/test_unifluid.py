@@ -1,6 +1,8 @@
 """The model in unifluid.py: each test is a behaviour the method relies on."""
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +162,8 @@ def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
         frac = random_masking(4, N, g).float().mean(1)
         assert ((frac >= 0.7 - 1e-6) & (frac <= 1.0)).all()
         assert (frac == frac[0]).all()                          # one ratio per step, as MAR
+    low = [random_masking(1, N, g, low=0.25).float().mean().item() for _ in range(400)]
+    assert min(low) >= 0.25 - 1e-6 and 0.1 < np.mean([f < 0.7 for f in low]) < 0.4   # Config.mask_ratio_min
     m = tiny()
     b = batch_for(m, ["t2i", "t2i"], ["a", "b"])
     seen = {}
@@ -311,6 +315,21 @@ def test_presets_and_patchify():
     cfg = Config.preset("small")
     f = estimate_flops_per_example(cfg, {"t2i": 0.5, "caption": 0.5})
     assert 6 * 2e6 * 20 < f < 6 * 6e6 * 60
+
+
+def test_vit_pool_concatenates_neighbouring_patches_into_one_slot():
+    cfg = replace(Config.preset("tiny"), image_size=32, vit_patch=4, vit_pool=2)
+    assert (cfg.num_vit_tokens, cfg.num_und_tokens) == (64, 16)
+    m = UniFluid(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = m.vision(x)
+    assert feats.shape == (2, 16, 4 * cfg.vit_width)
+    m.vision.pool = 1
+    flat = m.vision(x).view(2, 8, 8, cfg.vit_width)               # the 8 x 8 grid of ViT outputs
+    assert torch.equal(feats[0, 1], flat[0, 0:2, 2:4].reshape(-1))  # slot (0, 1) = outputs rows 0-1, cols 2-3
+    m.vision.pool = 2
+    b = batch_for(m, ["caption", "vqa"], ["", "what color is the circle"], ["a red circle", "red"])
+    assert torch.isfinite(m(b)["loss"])
 
 
 def test_dropout_is_active_in_training_only():
