@@ -65,7 +65,8 @@ class Config:
     latent_channels: int = 4       # VAE latent channels
     patch_size: int = 2            # p x p latent cells form one token -> token_dim = p*p*C
     order: str = "random"          # "random" (MAR masking, bidirectional block) or "raster" (causal AR)
-    mask_ratio_min: float = 0.7    # training mask ratios: MAR's normal(1, 0.25) truncated to [this, 1]
+    mask_ratio_min: float = 0.7    # training mask ratio ~ normal(1, mask_ratio_std) truncated to
+    mask_ratio_std: float = 0.25   # [mask_ratio_min, 1] (MAR: 0.7, 0.25; std 1, min 0: near uniform)
     # diffusion head (MAR's SimpleMLPAdaLN)
     head_width: int = 256
     head_depth: int = 3
@@ -503,10 +504,10 @@ def unpatchify(tokens, p, C):
 # 7. Random-order masking (MAR) and the raster-order ablation
 
 
-def sample_mask_ratio(generator=None, device="cpu", low=0.7):
-    """Truncated normal centred at 1.0, std 0.25, on [low, 1.0] (MAR: low 0.7), one ratio per step."""
+def sample_mask_ratio(generator=None, device="cpu", low=0.7, std=0.25):
+    """Truncated normal centred at 1.0, on [low, 1.0] (MAR: low 0.7, std 0.25), one ratio per step."""
     while True:
-        r = 1.0 + 0.25 * torch.randn((), generator=generator, device=device).item()
+        r = 1.0 + std * torch.randn((), generator=generator, device=device).item()
         if low <= r <= 1.0:
             return r
 
@@ -521,9 +522,9 @@ def mask_by_order(num_masked, orders):
     return mask.scatter(1, orders[:, :num_masked], True)
 
 
-def random_masking(B, N, generator=None, device="cpu", low=0.7):
+def random_masking(B, N, generator=None, device="cpu", low=0.7, std=0.25):
     """Training mask: per example a random permutation, per step a ratio in [low, 1]."""
-    num_masked = math.ceil(N * sample_mask_ratio(generator, device, low))
+    num_masked = max(1, math.ceil(N * sample_mask_ratio(generator, device, low, std)))
     return mask_by_order(num_masked, random_orders(B, N, generator, device))
 
 # -----------------------------------------------------------------------------
@@ -740,8 +741,10 @@ class UniFluid(nn.Module):
         if "gen_tokens" in batch:
             tokens = batch["gen_tokens"].float()
             B, N, _ = tokens.shape
-            img_mask = random_masking(B, N, generator, tokens.device, cfg.mask_ratio_min) if cfg.order == "random" \
-                else torch.ones(B, N, dtype=torch.bool, device=tokens.device)
+            if cfg.order == "random":
+                img_mask = random_masking(B, N, generator, tokens.device, cfg.mask_ratio_min, cfg.mask_ratio_std)
+            else:
+                img_mask = torch.ones(B, N, dtype=torch.bool, device=tokens.device)
             gen_in = self.gen_inputs(tokens, img_mask)
         h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind, batch.get("segment")),
                      self.masks(kind, batch.get("segment"), self.attn_impl))

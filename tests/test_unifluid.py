@@ -164,6 +164,8 @@ def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
         assert (frac == frac[0]).all()                          # one ratio per step, as MAR
     low = [random_masking(1, N, g, low=0.25).float().mean().item() for _ in range(400)]
     assert min(low) >= 0.25 - 1e-6 and 0.1 < np.mean([f < 0.7 for f in low]) < 0.4   # Config.mask_ratio_min
+    wide = [random_masking(1, N, g, low=0.0, std=1.0).float().mean().item() for _ in range(400)]
+    assert 0.3 < np.mean([f < 0.5 for f in wide]) < 0.5                              # near uniform
     m = tiny()
     b = batch_for(m, ["t2i", "t2i"], ["a", "b"])
     seen = {}
