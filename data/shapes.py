@@ -581,16 +581,15 @@ def parse_prompt(text):
     its scene's objects."""
     objs, rel = parse_caption(text)
     words = text.lower().split()
-    spec = {'objects': [dict(o) for o in objs], 'count': None, 'relation': None, 'exact': False}
+    spec = {'objects': [dict(o) for o in objs], 'count': None, 'relation': None, 'exact': bool(objs)}
     numbers = [w for w in words if w in NUMBERS]
     if numbers and objs:
-        spec['objects'], spec['count'], spec['exact'] = [dict(objs[0])], NUMBERS.index(numbers[0]), True
+        spec['objects'], spec['count'] = [dict(objs[0])], NUMBERS.index(numbers[0])
         return spec
     if rel is not None:  # relation between parsed objects i and j: name them first and second
         i, j, word = rel
         spec['objects'] = [dict(objs[i]), dict(objs[j])] + [dict(o) for k, o in enumerate(objs) if k not in (i, j)]
         spec['relation'] = word
-    spec['exact'] = bool(objs)
     return spec
 
 
