@@ -854,7 +854,8 @@ def main(argv=None):
             latent_channels=vae.latent_channels), **model_args(args.model_args)})
     order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
     cfg = replace(cfg, order=order, image_weight=args.image_weight)
-    if cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch or (cfg.image_size // cfg.vit_patch) % cfg.vit_pool:
+    if (cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch
+            or (cfg.image_size // cfg.vit_patch) % cfg.vit_pool):
         raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size}, image "
                          f"{cfg.image_size} / vit_patch {cfg.vit_patch} or that / vit_pool {cfg.vit_pool} does not divide")
     torch.manual_seed(args.seed)         # every rank builds the same initial weights

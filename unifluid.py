@@ -524,6 +524,14 @@ def mask_by_order(num_masked, orders):
     return mask.scatter(1, orders[:, :num_masked], True)
 
 
+def mean_mask_ratio(low=0.7, std=0.25):
+    """Mean of sample_mask_ratio: a normal (1, std) truncated to [low, 1] (MAR's: 0.867)."""
+    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    a = (low - 1) / std
+    return 1 + std * (pdf(a) - pdf(0)) / (cdf(0) - cdf(a))
+
+
 def random_masking(B, N, generator=None, device="cpu", low=0.7, std=0.25):
     """Training mask: per example a random permutation, per step a ratio in [low, 1]."""
     num_masked = max(1, math.ceil(N * sample_mask_ratio(generator, device, low, std)))
@@ -883,7 +891,7 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
     """Training FLOPs of one example (forward + backward = 3x forward = 6 * params * tokens, PaLM /
     nanoGPT), averaged over the task mix. Counts the decoder (matmuls + attention scores), the tied
     text head at answer positions, the ViT on und rows, and the diffusion head, which runs
-    diffusion_batch_mul times on every masked gen slot (mean mask ratio of MAR's truncated normal ~0.86)."""
+    diffusion_batch_mul times on every masked gen slot (mean_mask_ratio of the config)."""
     task_mix = task_mix or {"t2i": 1.0}
     D, hd = cfg.d_model, cfg.head_dim
     layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 3 * D * cfg.d_ff
@@ -892,7 +900,7 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
     vw = cfg.vit_width
     vit = cfg.vit_layers * (4 * vw * vw + 2 * vw * cfg.vit_mlp) + 3 * cfg.vit_patch ** 2 * vw
     N, M, V = cfg.num_image_tokens, cfg.num_und_tokens, cfg.num_vit_tokens
-    masked = 0.86 * N if cfg.order == "random" else N
+    masked = mean_mask_ratio(cfg.mask_ratio_min, cfg.mask_ratio_std) * N if cfg.order == "random" else N
     total = 0.0
     for task, share in task_mix.items():
         gen, und = task in ("t2i", "edit"), task in ("caption", "vqa", "edit")

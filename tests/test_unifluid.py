@@ -8,7 +8,8 @@ import torch
 
 from unifluid import (KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
                       GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
-                      estimate_flops_per_example, patchify, positions, random_masking, unpatchify)
+                      estimate_flops_per_example, mean_mask_ratio, patchify, positions, random_masking,
+                      unpatchify)
 
 
 def tiny(**kw):
@@ -166,6 +167,8 @@ def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
     assert min(low) >= 0.25 - 1e-6 and 0.1 < np.mean([f < 0.7 for f in low]) < 0.4   # Config.mask_ratio_min
     wide = [random_masking(1, N, g, low=0.0, std=1.0).float().mean().item() for _ in range(400)]
     assert 0.3 < np.mean([f < 0.5 for f in wide]) < 0.5                              # near uniform
+    assert abs(np.mean(wide) - mean_mask_ratio(0.0, 1.0)) < 0.05      # what the FLOP estimate counts
+    assert abs(mean_mask_ratio() - 0.867) < 1e-3                      # MAR's
     m = tiny()
     b = batch_for(m, ["t2i", "t2i"], ["a", "b"])
     seen = {}
