@@ -153,6 +153,8 @@ def build_parser():
     g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup", type=non_negative(int), default=100, help="linear warmup steps")
     g.add_argument("--weight_decay", type=non_negative(float), default=0.05, help="AdamW decay of >=2-D weights")
+    g.add_argument("--head_weight_decay", type=non_negative(float), default=None,
+                   help="AdamW decay of the diffusion head's matrices; default: --weight_decay (MAR decays them too)")
     g.add_argument("--beta2", type=fraction, default=0.95)
     g.add_argument("--grad_clip", type=non_negative(float), default=1.0, help="clip the global grad norm; 0 = off")
     g.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights that evaluate and sample; 0: off")
@@ -496,6 +498,11 @@ def make_optimizer(model, args, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    head_wd = getattr(args, "head_weight_decay", None)
+    if head_wd is not None and head_wd != args.weight_decay:   # the diffusion head's matrices apart
+        head = {id(p) for p in model.diffusion.parameters()}
+        groups = [dict(params=[p for p in groups[0]["params"] if id(p) not in head], weight_decay=args.weight_decay),
+                  dict(params=[p for p in groups[0]["params"] if id(p) in head], weight_decay=head_wd), groups[1]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda")
 
 

@@ -72,6 +72,11 @@ class Config:
     head_depth: int = 3
     diffusion_steps: int = 1000    # training timesteps of the cosine schedule
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
+    prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
+    # MAR details, off by default (README "What mattered" has the screens)
+    img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln)
+    head_pos_embed: bool = False   # learned slot position added to z before the head (MAR's diffusion_pos_embed_learned)
+    init: str = "normal"           # Linear weights: "normal" (std 0.02, GPT/Gemma) or "xavier" (MAR's xavier_uniform)
     # training-time behaviour
     image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (SPEC section 3)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
@@ -594,9 +599,11 @@ def cosine_alphas_cumprod(T, s=0.008):
 
 class GaussianDiffusion(nn.Module):
     """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample."""
-    def __init__(self, head, steps=1000):
+    def __init__(self, head, steps=1000, prediction="eps"):
         super().__init__()
-        self.head, self.steps = head, steps
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}: choose eps or v")
+        self.head, self.steps, self.prediction = head, steps, prediction
         self.register_buffer("acp", cosine_alphas_cumprod(steps).float(), persistent=False)
 
     def loss(self, target, z, mul=1):  # target (n, Dt), z (n, D)
@@ -605,6 +612,8 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn_like(target)
         a = self.acp[t].unsqueeze(1)
         x_t = a.sqrt() * target + (1 - a).sqrt() * noise
+        if self.prediction == "v":                       # v = sqrt(a) eps - sqrt(1 - a) x0
+            noise = a.sqrt() * noise - (1 - a).sqrt() * target
         return F.mse_loss(self.head(x_t.to(z.dtype), t, z).float(), noise.float())
 
     @torch.no_grad()
@@ -628,6 +637,8 @@ class GaussianDiffusion(nn.Module):
             if guided:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + cfg * (cond - uncond)
+            if self.prediction == "v":                   # the head gave v: eps = sqrt(1 - a) x_t + sqrt(a) v
+                eps = (1 - a).sqrt() * x + a.sqrt() * eps
             x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-10, 10)   # predicted clean token
             if i == 0:
                 return x0
@@ -655,13 +666,20 @@ class UniFluid(nn.Module):
         self.img_proj = nn.Linear(cfg.token_dim, D)            # continuous token -> gen slot
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
+        self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
+        self.head_pos = nn.Parameter(torch.randn(N, D) * 0.02) if cfg.head_pos_embed else None
         self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth),
-                                           cfg.diffusion_steps)
+                                           cfg.diffusion_steps, cfg.prediction)
+        if cfg.init not in ("normal", "xavier"):
+            raise ValueError(f"unknown init {cfg.init!r}: choose normal or xavier")
         self.apply(self._init)
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.std() != 0:   # keep the head's zero init
-            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and self.cfg.init == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -704,9 +722,10 @@ class UniFluid(nn.Module):
         return batch
 
     def drop_prompts(self, tasks, prompts, p, generator=None):
-        """Classifier-free guidance training: replace t2i prompts by '' with probability p."""
+        """Classifier-free guidance training: replace t2i prompts and edit instructions by '' with
+        probability p (an edit row keeps its input image: the unconditional row generate_images guides with)."""
         drop = torch.rand(len(tasks), generator=generator) < p
-        return [("" if d and t == "t2i" else s) for t, s, d in zip(tasks, prompts, drop.tolist())]
+        return [("" if d and t in ("t2i", "edit") else s) for t, s, d in zip(tasks, prompts, drop.tolist())]
 
     # ---- the trunk
 
@@ -728,7 +747,12 @@ class UniFluid(nn.Module):
             x = torch.cat([self.mask_token.expand(tokens.shape[0], 1, -1), x], 1)
         else:
             x = torch.where(mask.unsqueeze(-1), self.mask_token, self.img_proj(tokens))
-        return x + self.img_pos
+        x = x + self.img_pos
+        return self.img_ln(x) if self.img_ln is not None else x
+
+    def head_condition(self, z):
+        """Decoder outputs of the gen slots (B, N, D) -> the diffusion head's condition."""
+        return z + self.head_pos if self.head_pos is not None else z
 
     attn_impl = "sdpa"   # "flex" on GPU: FlexAttention block masks (train.py sets it; caches use sdpa)
 
@@ -765,7 +789,7 @@ class UniFluid(nn.Module):
             logits = self.llm.logits(h[sel]).float()
             loss_text = F.cross_entropy(logits, targets[sel])
         if gen_in is not None:
-            z = h[kind == KIND_GEN].view(tokens.shape[0], tokens.shape[1], -1)
+            z = self.head_condition(h[kind == KIND_GEN].view(tokens.shape[0], tokens.shape[1], -1))
             loss_image = self.diffusion.loss(tokens[img_mask], z[img_mask], cfg.diffusion_batch_mul)
         return dict(loss=w * loss_image + (1 - w) * loss_text, loss_image=loss_image.detach(),
                     loss_text=loss_text.detach())
@@ -818,7 +842,7 @@ class UniFluid(nn.Module):
             steps, orders = num_iter, random_orders(B, N, generator, dev)
         for k in range(steps):
             rows = lambda x: torch.cat([x, x]) if guided else x
-            z = trunk(rows(self.gen_inputs(tokens, mask)))
+            z = self.head_condition(trunk(rows(self.gen_inputs(tokens, mask))))
             if c.order == "raster":
                 mask_len = N - k - 1
             else:
