@@ -1,6 +1,6 @@
 """
 Train UniFluid: one decoder that generates images (continuous VAE tokens, a per-token diffusion head)
-and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (SPEC section 3).
+and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (README, Training).
 
 Quickstart, CPU or GPU (about 20 minutes on 2 CPU cores, training the shapes VAE first included):
     python train.py

@@ -2,7 +2,7 @@
 UniFluid in one file (Fan et al., "Unified Autoregressive Visual Generation and Understanding with
 Continuous Tokens", arXiv 2503.13436).
 
-One Gemma-like decoder reads three layouts (SPEC section 1):
+One Gemma-like decoder reads three layouts:
 
     generation     <bos> text… <boi> [img_1 … img_N]          img slots: VAE latent patch or [MASK]
     understanding  [und_1 … und_M] <bos> prompt… <sep> answer… <eos>
@@ -78,7 +78,7 @@ class Config:
     head_pos_embed: bool = False   # learned slot position added to z before the head (MAR's diffusion_pos_embed_learned)
     init: str = "normal"           # Linear weights: "normal" (std 0.02, GPT/Gemma) or "xavier" (MAR's xavier_uniform)
     # training-time behaviour
-    image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (SPEC section 3)
+    image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (README, Training)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
     dropout: float = 0.0           # residual dropout in the decoder blocks (training only)
 
@@ -117,7 +117,7 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters
     "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=256, vit_width=32,
                  vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
-    # the CPU quickstart (SPEC section 6: ~4M parameters, 16 tokens of 16 dims). Mask ratios near
+    # the CPU quickstart (~4M parameters, 16 tokens of 16 dims: what 2 cores train in ~15 min). Mask ratios near
     # uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show the model more
     # than 4 known tokens, while sampling conditions on up to 15 (README: generation 0.07 -> 0.14)
     "small": dict(mask_ratio_min=0.0, mask_ratio_std=1.0),
@@ -197,6 +197,20 @@ class WordTokenizer(ByteTokenizer):
 
     def _piece_bytes(self, i):
         return bytes([i - N_SPECIAL]) if i < N_SPECIAL + 256 else self.words[i - N_SPECIAL - 256].encode()
+
+    def decode(self, ids):
+        """Exact inverse of encode. A model can also emit a word without its leading space ('large')
+        right after another word, which no encoded text does: those get their space back, so answers
+        read 'large large no' and not 'largelargeno'."""
+        out = b""
+        for i in ids:
+            if i < N_SPECIAL:
+                continue
+            piece = self._piece_bytes(i)
+            if i >= N_SPECIAL + 256 and out and not out[-1:].isspace() and not piece[:1].isspace():
+                piece = b" " + piece
+            out += piece
+        return out.decode("utf-8", errors="replace")
 
     def state_dict(self):
         return {"kind": "word", "words": self.words}
@@ -687,7 +701,7 @@ class UniFluid(nn.Module):
         mod = {"llm": self.llm, "head": self.diffusion, "vision": self.vision}.get(part, self)
         return sum(p.numel() for p in mod.parameters())
 
-    # ---- sequence layout (SPEC section 1): left-padded, so image blocks and answers end each row
+    # ---- sequence layout (the three layouts at the top of this file): left-padded, so image blocks and answers end each row
 
     def layout(self, task, prompt, answer=""):
         """Token ids and kinds of one example. Returns (ids, kinds, target ids or -100)."""
@@ -938,7 +952,7 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
     return total
 
 # -----------------------------------------------------------------------------
-# 12. Pretrained weights: Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers (SPEC section 5).
+# 12. Pretrained weights: Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers.
 # Pure functions of config.json dicts and {name: tensor} dicts; train.py reads the files.
 
 
@@ -1017,7 +1031,7 @@ def load_exact(module, tensors, ckpt_name, what):
 def load_gemma(model, tensors):
     """Hugging Face Gemma weights (model.embed_tokens, model.layers.N..., model.norm; the head is tied)
     into model.llm (or a bare Gemma). The model must come from gemma_config of the same checkpoint.
-    Trap (SPEC 5): Gemma-1's post_attention_layernorm is the pre-MLP norm, our pre_feedforward_layernorm."""
+    Trap: Gemma-1's post_attention_layernorm is the pre-MLP norm, our pre_feedforward_layernorm."""
     llm = getattr(model, "llm", model)
     prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
     tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")}

@@ -1,7 +1,7 @@
 """
 The continuous image tokenizer: a KL autoencoder (LDM / Stable Diffusion "AutoencoderKL").
 
-UniFluid generates VAE latents, not pixels (SPEC section 2): an image becomes a latent grid,
+UniFluid generates VAE latents, not pixels: an image becomes a latent grid,
 p x p latent cells become one continuous token. This file holds the VAE, in the module layout of
 diffusers' AutoencoderKL so Stable Diffusion weights load by name, plus loaders for LDM/MAR
 checkpoints, PIL helpers, and a small trainer for our own dataset.

@@ -1,5 +1,5 @@
 """Real image-text pairs: CC3M, CC12M, COCO captions, any WebDataset shards, img2dataset's `files`
-layout, or a TSV/CSV of local image paths and captions (SPEC section 5; data/README.md says how to get
+layout, or a TSV/CSV of local image paths and captions (data/README.md says how to get
 them onto disk).
 
     ds = build_dataset('cc3m', data_dir='/data/cc3m', resolution=256)   # t2i 0.8, caption 0.2

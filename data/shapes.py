@@ -1,4 +1,4 @@
-"""The embedded shapes dataset: procedural scenes, their texts, and an exact oracle (SPEC section 4).
+"""The embedded shapes dataset: procedural scenes, their texts, and an exact oracle.
 
 A scene is 1-4 flat-coloured shapes on a plain grey background. From one scene come
   - an image                    render(scene, resolution)

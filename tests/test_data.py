@@ -1,4 +1,4 @@
-"""data/: the shapes dataset and its oracle, and the real image-text readers (issue 4)."""
+"""data/: the shapes dataset and its oracle, and the real image-text readers."""
 import io
 import json
 import tarfile

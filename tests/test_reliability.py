@@ -1,4 +1,4 @@
-"""Reliability and safety (issue 10): bad input never crashes a run or loses work, untrusted files never
+"""Reliability and safety: bad input never crashes a run or loses work, untrusted files never
 run code. Each test feeds one kind of bad input to the code a user runs and checks what the README's
 table "Bad inputs and what happens" promises: the input is skipped and counted, or the program says in
 one sentence what is wrong (no traceback), and a checkpoint on disk is always whole.
@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pickle
-import random
 import shutil
 import signal
 import struct
@@ -194,12 +193,20 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(run_dir, tmp_pa
 
 
 SAVER = """
-import sys, argparse, torch
+import os, sys, time, argparse, torch
 torch.set_num_threads(1)
 import train
-src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src, dst, n, hang_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model, _, tokenizer, ckpt = train.load_checkpoint(src)
 args, step = argparse.Namespace(**ckpt["args"]), 0
+real_fsync = os.fsync
+
+def fsync(fd):   # save number hang_at stops with its .tmp file written and not yet renamed: a kill lands mid-save
+    real_fsync(fd)
+    if step == hang_at:
+        print("mid-save", flush=True)
+        time.sleep(3600)
+os.fsync = fsync
 while True:      # a large-ish checkpoint, saved back to back; pad is filled with its step to check wholeness
     step += 1
     train.save_checkpoint(dst, model, None, None, step, tokenizer, ckpt["vae"], args, pad=torch.full((n,), float(step)))
@@ -207,9 +214,10 @@ while True:      # a large-ish checkpoint, saved back to back; pad is filled wit
 """
 
 
-def start_saver(run_dir, dst, n):
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir), str(dst), str(n)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_saver(run_dir, dst, n, hang_at=0):
+    """A process saving checkpoints to dst back to back; with hang_at, it stops inside that save."""
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir), str(dst), str(n), str(hang_at)], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "1", proc.stderr.read()[-2000:]               # one whole save first
     return proc
 
@@ -219,17 +227,18 @@ def check_whole(ckpt):
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(run_dir, tmp_path):
-    dst, mid_save = tmp_path / "ckpt.pt", 0
-    rng = random.Random(0)
-    for _ in range(3):
-        proc = start_saver(run_dir, dst, 8_000_000)                                  # 32 MB of padding
-        time.sleep(rng.uniform(0.05, 0.8))
+    dst = tmp_path / "ckpt.pt"
+    for hang_at in (2, 3):                 # the kill lands inside save 2 (or 3), after save 1 (or 2) completed
+        proc = start_saver(run_dir, dst, 8_000_000, hang_at)                         # 32 MB of padding
+        for line in proc.stdout:
+            if line.strip() == "mid-save":
+                break
+        assert os.path.exists(str(dst) + ".tmp"), "the saver did not stop inside a save"
         proc.kill()                                                                  # SIGKILL: no handler runs
         proc.wait()
-        mid_save += os.path.exists(str(dst) + ".tmp")
         model, _, _, ckpt = train.load_checkpoint(str(dst))
         check_whole(ckpt)
-    assert mid_save >= 1, "no kill landed inside a save: the test proved nothing"
+        assert ckpt["step"] == hang_at - 1                                           # the last whole save
 
 
 def test_reads_while_another_process_rewrites_the_checkpoint_always_succeed(run_dir, tmp_path):
@@ -353,6 +362,7 @@ def test_malformed_checkpoints_give_a_clear_error(run_dir, tmp_path):
 
 
 def test_malformed_safetensors_are_refused_before_the_library_reads_them(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors", reason="optional extra: pip install safetensors")
     from safetensors.torch import save_file
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(good))

@@ -1,6 +1,6 @@
 """sample.py from the command line, on a tiny checkpoint that train.py writes in seconds.
 
-Bad inputs and what happens (issue 10):
+Bad inputs and what happens (README table of that name):
     no checkpoint in --out_dir        exit 1, "no checkpoint at DIR/ckpt.pt: train one with `python train.py ...`"
     --image of a non-image file       exit 1, "cannot read PATH as an image (UnidentifiedImageError: ...)"
     --image of a missing file         exit 1, "cannot read PATH as an image (FileNotFoundError: ...)"

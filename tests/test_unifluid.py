@@ -42,7 +42,7 @@ def hidden(model, batch, gen_in=None):
     return model.llm(x, positions(kind), model.masks(kind))
 
 
-# ---- attention structure (SPEC section 1)
+# ---- attention structure (unifluid.py's docstring: the three layouts)
 
 def test_later_text_token_leaves_earlier_logits_unchanged():
     m = tiny().eval()
@@ -237,7 +237,7 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution():
     assert cold.std(0).mean() < s.std(0).mean() * 5 and cold.std(0).mean() < 0.8 * 0.5
 
 
-# ---- the joint loss and image_weight (SPEC section 3)
+# ---- the joint loss and image_weight (README, Training)
 
 @pytest.mark.parametrize("w,tasks", [(1.0, ["caption", "vqa"]), (0.0, ["t2i", "t2i"])])
 def test_absent_side_of_the_loss_gives_zero_gradients(w, tasks):
