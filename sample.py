@@ -22,7 +22,8 @@ import time
 import torch
 from PIL import Image
 
-from vae import from_pil, to_pil
+from unifluid import UniFluid
+from vae import from_pil, load_vae, save_grid, torch_load
 
 
 def positive(kind):
@@ -36,31 +37,31 @@ def positive(kind):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--out_dir', default='out/shapes', help="folder (or .pt file) of the checkpoint train.py wrote")
-    p.add_argument('--prompt', action='append', default=[], help="text-to-image prompt (repeatable)")
-    p.add_argument('--prompts', help="file with one prompt per line")
-    p.add_argument('--image', help="input image for captioning, --question or --edit (any image Pillow opens)")
-    p.add_argument('--question', help="with --image: answer this question about it")
-    p.add_argument('--edit', help="with --image: an editing instruction; writes the edited image")
-    p.add_argument('--out', help="PNG to write (default: OUT_DIR/sample.png, or OUT_DIR/edit.png)")
-    p.add_argument('--num_images', type=positive(int), help="images per prompt, drawn as a grid (default 1; --bench: 8)")
+    p.add_argument("--out_dir", default="out/shapes", help="folder (or .pt file) of the checkpoint train.py wrote")
+    p.add_argument("--prompt", action="append", default=[], help="text-to-image prompt (repeatable)")
+    p.add_argument("--prompts", help="file with one prompt per line")
+    p.add_argument("--image", help="input image for captioning, --question or --edit (any image Pillow opens)")
+    p.add_argument("--question", help="with --image: answer this question about it")
+    p.add_argument("--edit", help="with --image: an editing instruction; writes the edited image")
+    p.add_argument("--out", help="PNG to write (default: OUT_DIR/sample.png, or OUT_DIR/edit.png)")
+    p.add_argument("--num_images", type=positive(int), help="images per prompt, drawn as a grid (default 1; --bench: 8)")
     # image tokens (MAR sampling)
-    p.add_argument('--cfg', type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument('--temperature', type=float, default=1.0, help="noise temperature of the diffusion head")
-    p.add_argument('--num_iter', type=positive(int), default=16, help="reveal steps of random-order sampling")
-    p.add_argument('--diffusion_steps', type=positive(int), default=50, help="respaced DDPM steps per token")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
+    p.add_argument("--num_iter", type=positive(int), default=16, help="reveal steps of random-order sampling")
+    p.add_argument("--diffusion_steps", type=positive(int), default=50, help="respaced DDPM steps per token")
     # text tokens
-    p.add_argument('--text_temperature', type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument('--top_k', type=positive(int), help="sample among the k most likely tokens")
-    p.add_argument('--max_new_tokens', type=positive(int), help="default: the model's text length (--bench: 64)")
+    p.add_argument("--text_temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top_k", type=positive(int), help="sample among the k most likely tokens")
+    p.add_argument("--max_new_tokens", type=positive(int), help="default: the model's text length (--bench: 64)")
     # run
-    p.add_argument('--seed', type=int, default=0, help="same seed, same output")
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
-    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'],
+    p.add_argument("--seed", type=int, default=0, help="same seed, same output")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 autocast on CUDA, float32 elsewhere")
-    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    p.add_argument('--no_cache', action='store_true', help="recompute the prefix every step (slow; for checking)")
-    p.add_argument('--bench', action='store_true', help="print images/s and tokens/s with the cache on and off")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    p.add_argument("--no_cache", action="store_true", help="recompute the prefix every step (slow; for checking)")
+    p.add_argument("--bench", action="store_true", help="print images/s and tokens/s with the cache on and off")
     args = p.parse_args(argv)
     if (args.question or args.edit is not None) and not args.image:
         p.error("--question and --edit need --image PATH")
@@ -85,23 +86,27 @@ def warn(msg):
 
 def load(args):
     """-> (model, vae, device, autocast context), or one sentence on why not."""
-    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available() or device == 'mps' and not torch.backends.mps.is_available():
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {device} is not available on this machine; use --device cpu")
-    path = os.path.join(args.out_dir, 'ckpt.pt') if not args.out_dir.endswith('.pt') else args.out_dir
+    path = os.path.join(args.out_dir, "ckpt.pt") if not args.out_dir.endswith(".pt") else args.out_dir
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}: train one with `python train.py --out_dir {os.path.dirname(path) or '.'}` "
              f"or point --out_dir at the folder that holds ckpt.pt")
-    from train import load_checkpoint
-    try:
-        model, vae, _, _ = load_checkpoint(path, device=device, ema=args.ema)
+    try:                                 # weights_only: a checkpoint from elsewhere cannot run code
+        ckpt = torch_load(path)
+        model = UniFluid.from_checkpoint(ckpt, ema=args.ema).to(device)
+        if ":" not in ckpt["vae"][:4] and not os.path.exists(ckpt["vae"]):
+            fail(f"the VAE of {path}, {ckpt['vae']}, is missing: put it back, or retrain it with "
+                 f"`python vae.py --out_dir {os.path.dirname(ckpt['vae'])}`")
+        vae = load_vae(ckpt["vae"], device)
     except Exception as e:
         fail(f"cannot load checkpoint {path}: {e}")
-    dtype = args.dtype if args.dtype != 'auto' else 'bfloat16' if device == 'cuda' else 'float32'
-    if dtype == 'bfloat16' and device != 'cuda':   # bf16 on a CPU without bf16 units is ~500x slower (README, Performance)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
+    if dtype == "bfloat16" and device != "cuda":   # bf16 on a CPU without bf16 units is ~500x slower (README, Performance)
         warn(f"bfloat16 autocast is for CUDA; computing in float32 on {device}")
-        dtype = 'float32'
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else contextlib.nullcontext()
+        dtype = "float32"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     return model.eval(), vae.eval(), device, amp
 
 
@@ -109,13 +114,13 @@ def read_prompts(args, model):
     prompts = list(args.prompt)
     if args.prompts:
         try:
-            with open(args.prompts, encoding='utf-8') as f:
+            with open(args.prompts, encoding="utf-8") as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read prompts from {args.prompts}: {e}")
         if not prompts:
             fail(f"{args.prompts} holds no prompts (one per line)")
-    if '' in prompts:
+    if "" in prompts:
         warn("empty prompt: drawing an unconditional sample")
     return [check_prompt(model, p) for p in prompts]
 
@@ -135,8 +140,8 @@ def read_image(path, size):
     from data.imagetext import to_rgb    # grey, palette, CMYK, 16-bit, alpha on white: as the data readers do
     try:
         with Image.open(path) as im:     # a header claiming > 2 x Image.MAX_IMAGE_PIXELS raises here, undecoded
-            if im.format == 'JPEG':
-                im.draft('RGB', (size, size))   # a huge JPEG decodes at 1/2 .. 1/8 scale
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))   # a huge JPEG decodes at 1/2 .. 1/8 scale
             im.load()
             return from_pil(to_rgb(im), size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -144,18 +149,13 @@ def read_image(path, size):
 
 
 def default_out(args, name):
-    return args.out or os.path.join(args.out_dir if not args.out_dir.endswith('.pt') else os.path.dirname(args.out_dir), name)
+    return args.out or os.path.join(args.out_dir if not args.out_dir.endswith(".pt") else os.path.dirname(args.out_dir), name)
 
 
 def save_png(images, rows, path):
-    """images (rows * k, 3, H, W) in [-1, 1] -> one PNG, a row per prompt. Written to a temporary file
-    and renamed, so a reader (or a second sample.py) never sees half an image."""
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in images.float().cpu().chunk(rows)], dim=1)  # (3, rows*H, k*W)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """images (rows * k, 3, H, W) in [-1, 1] -> one PNG, a row per prompt (written whole, or not at all)."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        to_pil(grid)[0].save(tmp, format='PNG')
-        os.replace(tmp, path)
+        save_grid(images, path, cols=len(images) // rows)
     except OSError as e:
         fail(f"cannot write {path}: {e}")
     print(path)
@@ -183,8 +183,8 @@ def no_early_stop(tokenizer):
 def best_times(fns, device, repeats=3):
     """-> (outputs, best wall time of each fn). Runs round-robin, so a busy spell of a shared machine
     slows every path alike, and keeps each path's best (least disturbed) run."""
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    outs, best = [None] * len(fns), [float('inf')] * len(fns)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    outs, best = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             sync()
@@ -222,7 +222,7 @@ def bench(model, vae, args, device):
     print(f"captioning, {B} images, {new} new tokens each (end of text ignored: every row decodes {new}):")
     paths = [("no cache: recompute the whole sequence each token", False), ("kv cache", True)]
     with no_early_stop(model.tokenizer):
-        texts, t_txt = best_times([lambda c=c: model.generate_text(images, [''] * B, new, generator=seeded(), use_cache=c)
+        texts, t_txt = best_times([lambda c=c: model.generate_text(images, [""] * B, new, generator=seeded(), use_cache=c)
                                    for _, c in paths], device)
     for (name, _), out, t in zip(paths, texts, t_txt):
         print(f"  {name:52s} {B * new / t:8.1f} tokens/s  {t_txt[0] / t:5.2f}x naive   outputs {same(out, texts[-1])}")
@@ -243,17 +243,17 @@ def main(argv=None):
         if not args.image:                                                         # text -> image
             prompts = read_prompts(args, model)
             images = text_to_image(model, vae, prompts, args.num_images or 1, args, generator)
-            return save_png(images, len(prompts), default_out(args, 'sample.png'))
+            return save_png(images, len(prompts), default_out(args, "sample.png"))
         image = read_image(args.image, size).to(device)
         if args.edit is not None:                                                  # image + instruction -> image
             images = text_to_image(model, vae, [check_prompt(model, args.edit)], args.num_images or 1, args,
                                    generator, und_images=image)
-            return save_png(images, 1, default_out(args, 'edit.png'))
-        question = check_prompt(model, args.question or '')                        # '' = caption
+            return save_png(images, 1, default_out(args, "edit.png"))
+        question = check_prompt(model, args.question or "")                        # '' = caption
         text = model.generate_text(image, [question], args.max_new_tokens or model.cfg.max_text_len,
                                    args.text_temperature, args.top_k, generator, use_cache=not args.no_cache)[0]
         print(text)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -29,8 +29,9 @@ Start from pretrained parts (Hugging Face folders, see README "Starting from pre
 Fine-tune from another run's weights (e.g. editing only):
     python train.py --init_from out/shapes/ckpt.pt --tasks edit=1 --max_steps 300 --out_dir out/edit
 
-Read top to bottom: flags -> checkpoints -> data -> optimisation helpers -> samples and evaluation ->
-main (setup -> VAE, tokenizer, model -> init from scratch / resume / a checkpoint -> compile -> DDP -> loop).
+Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
+What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model),
+5. checkpoints, 6. data, 7. optimisation and hardware, 8. samples and evaluation, 9. flag parsing.
 """
 import argparse
 import copy
@@ -41,10 +42,10 @@ import os
 import random
 import signal
 import sys
-import textwrap
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,56 +55,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
                       estimate_flops_per_example, gemma_config, load_gemma, load_siglip, patchify, siglip_config,
                       tokenizer_from_state)
+from vae import save_grid
 
 TASKS = ("t2i", "caption", "vqa", "edit")
+MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 
 # -----------------------------------------------------------------------------
 # 1. Flags
-
-
-def fraction(s):
-    x = float(s)
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
-    return x
-
-
-def positive_int(s):
-    x = int(s)
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return x
-
-
-def non_negative(kind):
-    def parse(s):
-        x = kind(s)
-        if x < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-        return x
-    return parse
-
-
-def task_shares(s):
-    """'t2i=0.5,caption=0.25,vqa=0.25' -> dict."""
-    out = {}
-    for item in s.split(","):
-        name, _, share = item.partition("=")
-        if name.strip() not in TASKS or not share:
-            raise argparse.ArgumentTypeError(f"expected TASK=SHARE,... with TASK in {', '.join(TASKS)}, got {s!r}")
-        out[name.strip()] = non_negative(float)(share)
-    return out
-
-
-def tokenizer_spec(s):
-    if s not in ("word", "byte") and not s.startswith("gemma:"):
-        raise argparse.ArgumentTypeError(f"expected word, byte or gemma:DIR, got {s!r}")
-    return s
-
-
-def step_range(s):
-    a, _, b = s.partition(":")
-    return range(int(a), int(b) if b else int(a) + 1)
 
 
 def build_parser():
@@ -178,10 +136,6 @@ def build_parser():
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
     g.add_argument("--diffusion_steps", type=positive_int, default=50, help="diffusion head steps when sampling")
-    # debugging hooks used by the tests
-    g.add_argument("--dump_grads", default="", help=argparse.SUPPRESS)       # save the first step's gradients
-    g.add_argument("--debug_nan_steps", type=step_range, default=range(0), help=argparse.SUPPRESS)  # "3", "3:9"
-    g.add_argument("--max_bad_steps", type=positive_int, default=5, help=argparse.SUPPRESS)
     return p
 
 
@@ -218,6 +172,433 @@ def get_args(argv=None):
                 f"exist); data/README.md says how to get one")
     return args
 
+# -----------------------------------------------------------------------------
+# 2. main: build the run, then the loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world, device = setup_distributed(args)
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    if args.eval_only:
+        return eval_only(args, device, log)
+    run = build_run(args, device, ddp, local_rank, world, log)   # VAE, tokenizer, model, EMA, AdamW, compile, DDP
+    raw_model, vae = run.raw_model, run.vae
+    eval_model = run.ema_model or raw_model        # samples and evaluations use the EMA weights
+    runs_eval = master or args.fsdp      # a sharded forward needs every rank: all sample and evaluate, rank 0 writes
+
+    # ---- data: one stream per micro-batch shard of this process; fixed validation samples and batches
+    run.shards = range(rank * run.per_rank, (rank + 1) * run.per_rank)
+    if run.start_step:
+        log(f"resuming at step {run.start_step}: skipping the {run.start_step * run.global_batch} examples already seen")
+    with dataset_errors():
+        run.streams = [ShardStream(args, "train", s, args.grad_accum, run.start_step * args.batch_size, run.mix)
+                       for s in run.shards]
+        if runs_eval:
+            fixed_prompts, fixed_und = fixed_examples(args)
+            vbatches = val_batches(args, raw_model, vae, device)
+    if master:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if run.start_step else "w")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    stop_step = min(args.max_steps, args.stop_at or args.max_steps)
+    save = lambda step: runs_eval and save_checkpoint(ckpt_path, raw_model, run.optimizer, run.ema_model, step,
+                                                      run.tokenizer, run.vae_spec, args, bad_steps=run.bad_total)
+
+    # ---- the loop: a step, then (at their intervals) the log line, samples, validation losses + checkpoint
+    from tqdm import tqdm
+    pbar = tqdm(total=stop_step, initial=run.start_step, disable=not master, dynamic_ncols=True, leave=False)
+    t_start, meter, last, bad_in_row = time.time(), dict(time=0.0, steps=0, tokens=0.0), {}, 0
+    step = run.start_step
+    with stop_signals() as stop:         # SIGINT/SIGTERM: finish the step, checkpoint, exit
+        while step < stop_step:
+            t0 = time.time()
+            out = train_step(run, step, stop_requested=stop["signal"] is not None or
+                             (args.time_budget > 0 and time.time() - t_start > 60 * args.time_budget))
+            bad_in_row = 0 if out["applied"] else bad_in_row + 1
+            if not out["applied"]:
+                run.bad_total += 1
+                log(f"step {step}: loss {out['loss']} / grad norm {out['grad_norm']} is not finite: step skipped "
+                    f"({bad_in_row} in a row, {run.bad_total} in all)")
+                if bad_in_row >= MAX_BAD_STEPS:
+                    raise SystemExit(f"train.py: error: the loss was NaN/inf for {bad_in_row} steps in a row (to step "
+                                     f"{step}); stopped without saving, so the last good checkpoint {ckpt_path} is "
+                                     f"intact: lower --lr or raise --warmup, then --init_from resume")
+            step += 1
+            pbar.update(1)
+            meter["time"] += time.time() - t0    # step time only: sampling and evaluation are not counted
+            meter["steps"] += 1
+            meter["tokens"] += out["tokens"]
+            if master and (step % args.log_interval == 0 or step == stop_step):
+                last = log_step(run, step, stop_step, out, meter, time.time() - t_start, log_file, pbar.write)
+            if runs_eval and (step % args.sample_interval == 0 or step == stop_step):
+                with run.ctx:
+                    write_samples(eval_model, vae, fixed_prompts, fixed_und, args,
+                                  os.path.join(args.out_dir, "samples", f"step_{step:06d}") if master else None)
+            if runs_eval and (step % args.eval_interval == 0 or step == stop_step or out["stop"]) and not bad_in_row:
+                with run.ctx:
+                    v = val_losses(eval_model, vbatches)
+                if master:
+                    pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
+                    log_file.write(json.dumps(dict(step=step, **v)) + "\n")
+                save(step)
+            if out["stop"]:
+                why = stop["signal"] or f"the time budget of {args.time_budget} min"
+                log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
+                    f"--out_dir {args.out_dir}")
+                break
+    pbar.close()
+
+    result = {}
+    if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
+        t0 = time.time()
+        with run.ctx:
+            result = evaluate(eval_model, vae, args, device, log)
+        if master:
+            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
+    if master:
+        log_file.close()
+        log(f"samples in {os.path.join(args.out_dir, 'samples')}, checkpoint {ckpt_path}")
+        log(json.dumps({"result": "train", "step": step, **{k: last.get(k) for k in ("loss", "loss_image", "loss_text",
+                        "tokens_per_s", "mfu")}, "seconds": round(time.time() - t_start, 1), "skipped": run.bad_total,
+                        "peak_memory_gb": round(peak_memory(device) / 2**30, 3), **result, "checkpoint": ckpt_path}))
+    if ddp:
+        dist.barrier()                   # let rank 0 finish its checkpoint and evaluation
+        dist.destroy_process_group()
+    return result
+
+# -----------------------------------------------------------------------------
+# 3. One training step: gradients of the global batch, then one AdamW update (skipped if not finite)
+
+
+def train_step(run, step, stop_requested=False):
+    """-> dict(loss, loss_image, loss_text, tokens, grad_norm, lr, applied, stop), the same on every process."""
+    args = run.args
+    lr = lr_at(step, args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    stats = accumulate_gradients(run, step)      # sums over micro-batches: loss, loss_image, loss_text, tokens
+    stats = torch.cat([stats, stats.new_tensor([float(stop_requested)])])
+    if run.ddp:
+        dist.all_reduce(stats)           # every process stops together, and logs the global batch's losses
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
+                                                           args.grad_clip or float("inf"))).item()
+    loss, loss_image, loss_text = (x / args.grad_accum for x in stats[:3].tolist())
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied:
+        run.optimizer.step()
+        if run.ema_model is not None:    # warm-up of the decay (TF's ExponentialMovingAverage num_updates)
+            update_ema(run.ema_model, run.raw_model, min(args.ema, (1 + step) / (10 + step)))
+    run.optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss, loss_image=loss_image, loss_text=loss_text, tokens=stats[3].item(), grad_norm=grad_norm,
+                lr=lr, applied=applied, stop=stats[4].item() > 0)
+
+
+def accumulate_gradients(run, step):
+    """Forward and backward of this process's micro-batches; each one's random numbers (CFG prompt
+    dropout, masking, diffusion noise and timesteps) are seeded from (seed, step, shard), so a step
+    computes the same whatever the process count or the resume point. -> tensor of sums
+    (loss, loss_image, loss_text, tokens); the gradients are in the parameters' .grad."""
+    args, device, model = run.args, run.device, run.model
+    stats = torch.zeros(4, device=device)
+    for m, (shard, stream) in enumerate(zip(run.shards, run.streams)):
+        seed = step_seed(args.seed, step, shard)
+        torch.manual_seed(seed)                                    # the diffusion head's noise and timesteps
+        g_cpu = torch.Generator().manual_seed(seed)                # CFG prompt dropout
+        g_dev = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else g_cpu   # masking
+        with dataset_errors():           # e.g. every sample of the shard is bad: one sentence, no traceback
+            examples = stream.take(args.batch_size)
+        with run.ctx:
+            batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout)
+        last = m == run.per_rank - 1
+        if run.ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
+            run.raw_model.set_requires_gradient_sync(last)
+        elif run.ddp:                    # all-reduce gradients only after the last micro-batch
+            model.require_backward_grad_sync = last
+        with run.ctx:
+            out = model(batch, generator=g_dev)
+        (out["loss"] / run.per_rank).backward()     # DDP then averages over processes: the global mean
+        stats += torch.stack([out["loss"].detach().float(), out["loss_image"].float(), out["loss_text"].float(),
+                              (batch["kind"] != 0).sum().float()])
+    return stats
+
+
+def log_step(run, step, stop_step, out, meter, elapsed, log_file, write):
+    """One log line (and its JSON twin in log.jsonl) over the steps since the last one; resets the meter."""
+    steps_per_s = meter["steps"] / meter["time"]
+    last = dict(step=step, **{k: out[k] for k in ("loss", "loss_image", "loss_text", "lr", "grad_norm")},
+                tokens_per_s=meter["tokens"] / meter["time"], steps_per_s=steps_per_s,
+                mfu=run.flops_per_step * steps_per_s / (run.peak * run.world), elapsed_s=elapsed,
+                eta_s=(stop_step - step) / steps_per_s, skipped=run.bad_total,
+                data_skipped=sum(s.skipped() for s in run.streams))
+    log_file.write(json.dumps(last) + "\n")
+    log_file.flush()
+    write(f"step {step}/{stop_step} | loss {out['loss']:.4f} | img {out['loss_image']:.4f} | txt "
+          f"{out['loss_text']:.4f} | lr {out['lr']:.2e} | gnorm {out['grad_norm']:.3f} | "
+          f"{last['tokens_per_s'] / 1e3:.1f}k tok/s | {steps_per_s:.2f} it/s | MFU {100 * last['mfu']:.1f}% | "
+          f"{fmt_time(elapsed)} elapsed, eta {fmt_time(last['eta_s'])}"
+          + (f" | {last['data_skipped']} bad samples skipped" if last["data_skipped"] else ""))
+    meter.update(time=0.0, steps=0, tokens=0.0)
+    return last
+
+
+@contextmanager
+def stop_signals():
+    """{'signal': None} that SIGINT/SIGTERM set to the signal's name; a second one gives up at once.
+    A library caller gets its own handlers back."""
+    stop = {"signal": None}
+
+    def on_signal(sig, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(sig).name
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+# -----------------------------------------------------------------------------
+# 4. Building a run: device and processes, flags a checkpoint fixes, VAE, tokenizer, model, optimizer
+
+
+def build_run(args, device, ddp, local_rank, world, log):
+    """Everything a step needs, as one namespace: init from scratch / resume (this run's checkpoint) /
+    a checkpoint's weights / pretrained Gemma and SigLIP, then EMA, FSDP, AdamW, compile, DDP."""
+    ckpt, cfg0 = flags_from_checkpoint(args, log)
+    args.grad_accum = args.grad_accum or world
+    if args.grad_accum % world:
+        raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
+    mix = task_mix(args)
+    gemma, siglip = (None, None) if ckpt is not None else read_pretrained(args)   # (config.json, tensors) each
+    if ckpt is None:
+        vit_size = siglip_config(siglip[0])["image_size"] if siglip else 0
+        if vit_size and args.resolution not in (0, vit_size):
+            raise SystemExit(f"train.py: error: --resolution {args.resolution} differs from the {vit_size} px "
+                             f"that the SigLIP tower {args.und_encoder} reads")
+        args.resolution = args.resolution or vit_size or Config.preset(args.model).image_size
+    os.makedirs(args.out_dir, exist_ok=True)
+    vae_spec, vae = setup_vae(args, device, dist.get_rank() == 0 if ddp else True, log)
+    vae.requires_grad_(False)
+    if ckpt is not None:
+        tokenizer, cfg = tokenizer_from_state(ckpt["tokenizer"]), cfg0
+    else:
+        tokenizer = build_tokenizer(args, gemma)
+        cfg = model_config(args, vae, gemma, siglip)
+    order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
+    cfg = replace(cfg, order=order, image_weight=args.image_weight)   # the one place the loss weight is set
+    torch.manual_seed(args.seed)         # every rank builds the same initial weights
+    model = UniFluid(cfg, tokenizer).to("cpu" if args.fsdp else device)   # FSDP moves only its shards to the GPU
+    model.llm.checkpointing = args.grad_checkpoint
+    start_step, bad_total = 0, 0
+    if ckpt is not None:
+        weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
+        try:
+            load_weights(model, weights, args.init_from)
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
+    else:                                # the decoder and/or the ViT from Hugging Face weights
+        try:
+            if gemma:
+                load_gemma(model, gemma[1])
+                log(f"decoder: {gemma[0]['model_type']} weights from {args.init_from}")
+            if siglip:
+                load_siglip(model, siglip[1], freeze=args.freeze_und_encoder)
+                log(f"understanding encoder: SigLIP weights from {args.und_encoder}")
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}") from None
+        del gemma, siglip
+    if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen
+        model.vision.requires_grad_(False)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
+    if args.init_from == "resume" and ema_model is not None and ckpt.get("ema") is not None:
+        ema_model.load_state_dict(ckpt["ema"])
+    if args.fsdp:                        # the EMA is sharded the same way: lerped shard by shard
+        model = shard_model(model, device)
+        ema_model = ema_model and shard_model(ema_model, device)
+    optimizer = make_optimizer(model, args, device.type)   # after sharding: AdamW state only for this rank's shard
+    if args.init_from == "resume":
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        start_step, bad_total = ckpt["step"], ckpt.get("bad_steps", 0)
+        set_rng_state(ckpt["rng"])
+    del ckpt
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    raw_model, cfg = model, model.cfg    # the config with vocab_size set from the tokenizer
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        if device.type == "cuda":
+            model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
+        log("compiling the model (first steps are slow)")
+        model = torch.compile(model)
+    if ddp and not args.fsdp:            # find_unused: a micro-batch without some task leaves its parts unused
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    global_batch = args.batch_size * args.grad_accum
+    flops_per_step = estimate_flops_per_example(cfg, mix) * global_batch
+    peak, peak_src = peak_flops(device, dtype)
+    n = lambda part=None: f"{raw_model.num_params(part) / 1e6:.2f}M"
+    log(f"model: {args.model}, {n()} params (decoder {n('llm')}, head {n('head')}, vit {n('vision')}), "
+        f"{cfg.num_image_tokens} image tokens of {cfg.token_dim} dims, vocab {cfg.vocab_size}, order {cfg.order}")
+    log(f"data: {args.dataset} {args.resolution}px, tasks {', '.join(f'{t} {s:.2f}' for t, s in mix.items())}; "
+        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} micro-batches over {world} process(es)")
+    log(f"device: {device} {str(dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
+        f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
+    return SimpleNamespace(args=args, device=device, ddp=ddp, world=world, model=model, raw_model=raw_model,
+                           ema_model=ema_model, optimizer=optimizer, vae=vae, vae_spec=vae_spec, tokenizer=tokenizer,
+                           cfg=cfg, ctx=ctx, mix=mix, per_rank=args.grad_accum // world, global_batch=global_batch,
+                           flops_per_step=flops_per_step, peak=peak, start_step=start_step, bad_total=bad_total)
+
+
+def flags_from_checkpoint(args, log):
+    """--init_from resume or a ckpt.pt: (the checkpoint, its Config); the flags it fixes are set from it
+    (a resumed run keeps its own flags unless they are given again). Otherwise (None, None)."""
+    ckpt = cfg0 = None
+    if args.init_from != "scratch" and not args.init_from.startswith("gemma:"):
+        try:
+            ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
+        for k in ("model", "model_args", "tokenizer"):   # a checkpoint's architecture is fixed: say so
+            if k in args.explicit and getattr(args, k) != ckpt.get("args", {}).get(k, getattr(args, k)):
+                raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was trained with "
+                                 f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
+                                 f"or start a new run in another --out_dir")
+    if args.init_from == "resume":
+        for k, v in ckpt["args"].items():
+            if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "stop_at",
+                                                    "time_budget", "fsdp"):
+                setattr(args, k, v)
+    if args.dataset == "latents" and args.init_from != "resume":   # the VAE and size they were encoded with
+        from data.latents import read_meta
+        with dataset_errors():
+            meta = read_meta(args.data_dir)
+        if args.vae and args.vae != meta["vae"]:
+            log(f"warning: --vae {args.vae} differs from {meta['vae']}, the VAE of the latents in {args.data_dir}")
+        args.vae, args.resolution = args.vae or meta["vae"], args.resolution or meta["resolution"]
+    if ckpt is not None:
+        try:
+            cfg0 = Config(**ckpt["config"])
+        except TypeError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was written by another "
+                             f"version of unifluid.py ({e})") from None
+        if "resolution" in args.explicit and args.resolution not in (0, cfg0.image_size):
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint's model reads "
+                             f"{cfg0.image_size} px images, not --resolution {args.resolution}; drop --resolution")
+        args.resolution = cfg0.image_size
+        if args.vae and args.init_from != "resume" and os.path.abspath(args.vae) != ckpt["vae"]:
+            log(f"warning: --vae {args.vae} differs from the checkpoint's {ckpt['vae']}")
+        args.vae = args.vae or ckpt["vae"]
+    return ckpt, cfg0
+
+
+def build_tokenizer(args, gemma):
+    if args.tokenizer == "word":
+        from data import text_corpus
+        with dataset_errors():           # shapes' corpus covers its few dozen words with a few thousand texts
+            return WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
+                                                   5_000 if args.dataset == "shapes" else 50_000))
+    if args.tokenizer.startswith("gemma:"):
+        with open(os.path.join(args.tokenizer[len("gemma:"):], "tokenizer.json"), encoding="utf-8") as f:
+            return GemmaTokenizer(f.read(), gemma[0]["vocab_size"] if gemma else None)
+    return ByteTokenizer()
+
+
+def model_config(args, vae, gemma, siglip):
+    """A fresh run's Config: pretrained parts set their own shapes, the VAE the latent grid, --model the rest."""
+    if args.resolution % vae.downsample:
+        raise SystemExit(f"train.py: error: --resolution {args.resolution} is not a multiple of the VAE's "
+                         f"downsampling {vae.downsample}")
+    try:
+        pretrained = {**(gemma_config(gemma[0]) if gemma else {}), **(siglip_config(siglip[0]) if siglip else {})}
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    cfg = Config.preset(args.model, **{**pretrained, **dict(
+        image_size=args.resolution, latent_size=args.resolution // vae.downsample,
+        latent_channels=vae.latent_channels), **model_args(args.model_args)})
+    if (cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch
+            or (cfg.image_size // cfg.vit_patch) % cfg.vit_pool):
+        raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size}, image "
+                         f"{cfg.image_size} / vit_patch {cfg.vit_patch} or that / vit_pool {cfg.vit_pool} does not divide")
+    return cfg
+
+
+def setup_distributed(args):
+    """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE: one process per GPU (NCCL) or per CPU share (gloo)."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif ddp:                            # processes sharing a CPU split its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_vae(args, device, is_master, log):
+    """The VAE spec and model. Without --vae: reuse <out_dir>/../vae/vae.pt, or train it there first."""
+    from vae import load_vae, train_vae
+    spec = args.vae
+    if not spec:
+        spec = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), "vae", "vae.pt")
+        if os.path.exists(spec):
+            log(f"vae: reusing {spec} (delete it to retrain, or pass --vae)")
+        elif is_master:
+            from data import build_dataset
+            log(f"vae: no --vae given and none at {spec}: training the {args.dataset} VAE first "
+                f"({args.vae_steps} steps; later runs reuse it)")
+            with dataset_errors():       # a dataset error while the VAE trains is one sentence too
+                ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
+                                   seed=args.seed, tasks={"t2i": 1.0})
+                train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
+        if dist.is_initialized():
+            dist.barrier()               # the other ranks wait for rank 0's VAE
+    elif ":" not in spec[:4]:
+        spec = os.path.abspath(spec)
+        if not os.path.exists(spec):
+            raise SystemExit(f"train.py: error: --vae {args.vae}: no such file (train one with python vae.py)")
+    return spec, load_vae(spec, device)
+
+
+def read_pretrained(args):
+    """The Hugging Face parts a fresh run starts from: (gemma, siglip), each (config, tensors) or None."""
+    spec = lambda s, prefix: s[len(prefix):] if s.startswith(prefix) else None
+    try:
+        return tuple(read_hf_folder(d) if d else None
+                     for d in (spec(args.init_from, "gemma:"), spec(args.und_encoder, "siglip:")))
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+
+def read_hf_folder(path):
+    """A Hugging Face model folder -> (config.json as a dict, {name: tensor}). The weights are
+    model.safetensors, or the shards that model.safetensors.index.json lists."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
+    from vae import read_safetensors    # checks the header against the file size, then the safetensors package
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(os.path.join(path, f)))
+    return hf, tensors
+
 
 def task_mix(args):
     shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASKS}
@@ -241,23 +622,7 @@ def model_args(s):
     return out
 
 # -----------------------------------------------------------------------------
-# 2. Checkpoints: the uncompiled model (no `_orig_mod.` prefix), written atomically
-
-
-def rng_state():
-    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
-                                                 for x in np.random.get_state()],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
-    st = s["numpy"]
-    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+# 5. Checkpoints: the uncompiled model (no `_orig_mod.` prefix), written atomically
 
 
 def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
@@ -277,6 +642,66 @@ def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec
         f.flush()
         os.fsync(f.fileno())             # on disk before the rename, so even a power cut leaves one whole file
     os.replace(path + ".tmp", path)      # atomic: a reader or a crash mid-write never sees a torn ckpt.pt
+
+
+def read_checkpoint(path_or_dir):
+    """The dict save_checkpoint wrote; FileNotFoundError or ValueError (one sentence) otherwise.
+    weights_only: a file from elsewhere can hold tensors and plain data, never code that runs on load."""
+    from vae import torch_load
+    path = checkpoint_path(path_or_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
+                                f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
+    ckpt = torch_load(path)
+    missing = {"model", "config", "tokenizer", "vae", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def checkpoint_path(path_or_dir):
+    return os.path.join(path_or_dir, "ckpt.pt") if os.path.isdir(path_or_dir) or not path_or_dir.endswith(".pt") \
+        else path_or_dir
+
+
+def load_checkpoint(path_or_dir, device="cpu", ema=True):
+    """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
+    from vae import load_vae
+    ckpt = read_checkpoint(path_or_dir)
+    try:
+        model = UniFluid.from_checkpoint(ckpt, ema)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint_path(path_or_dir)}: {e}") from None
+    tokenizer = model.tokenizer
+    spec = ckpt["vae"]
+    if ":" not in spec[:4] and not os.path.exists(spec):
+        raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
+                                f"(python vae.py --out_dir {os.path.dirname(spec)})")
+    return model.to(device).eval(), load_vae(spec, device), tokenizer, ckpt
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not match the checkpoint's own config "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
+                                                 for x in np.random.get_state()],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    st = s["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def is_sharded(model):
@@ -318,90 +743,8 @@ def param_names(model, optimizer):
     name = {id(p): n for n, p in model.named_parameters()}
     return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
-
-def checkpoint_path(path_or_dir):
-    return os.path.join(path_or_dir, "ckpt.pt") if os.path.isdir(path_or_dir) or not path_or_dir.endswith(".pt") \
-        else path_or_dir
-
-
-def read_checkpoint(path_or_dir):
-    """The dict save_checkpoint wrote; FileNotFoundError or ValueError (one sentence) otherwise.
-    weights_only: a file from elsewhere can hold tensors and plain data, never code that runs on load."""
-    from vae import torch_load
-    path = checkpoint_path(path_or_dir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
-                                f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
-    ckpt = torch_load(path)
-    missing = {"model", "config", "tokenizer", "vae", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    """The UniFluid a checkpoint describes (its config and tokenizer), or ValueError saying why not."""
-    try:
-        return UniFluid(Config(**ckpt["config"]), tokenizer_from_state(ckpt["tokenizer"]))
-    except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"{path} was written by another version of unifluid.py: its config does not fit "
-                         f"this code ({type(e).__name__}: {e})") from None
-
-
-def load_weights(model, weights, path):
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not match the checkpoint's own config "
-                         f"({str(e).splitlines()[0]})") from None
-
-
-def load_checkpoint(path_or_dir, device="cpu", ema=True):
-    """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
-    from vae import load_vae
-    ckpt = read_checkpoint(path_or_dir)
-    model = model_from_checkpoint(ckpt, checkpoint_path(path_or_dir))
-    tokenizer = model.tokenizer
-    load_weights(model, ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"],
-                 checkpoint_path(path_or_dir))
-    spec = ckpt["vae"]
-    if ":" not in spec[:4] and not os.path.exists(spec):
-        raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
-                                f"(python vae.py --out_dir {os.path.dirname(spec)})")
-    return model.to(device).eval(), load_vae(spec, device), tokenizer, ckpt
-
-
-def read_hf_folder(path):
-    """A Hugging Face model folder -> (config.json as a dict, {name: tensor}). The weights are
-    model.safetensors, or the shards that model.safetensors.index.json lists."""
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
-    from vae import read_safetensors    # checks the header against the file size, then the safetensors package
-    tensors = {}
-    for f in files:
-        tensors.update(read_safetensors(os.path.join(path, f)))
-    return hf, tensors
-
-
-def read_pretrained(args):
-    """The Hugging Face parts a fresh run starts from: (gemma, siglip), each (config, tensors) or None."""
-    spec = lambda s, prefix: s[len(prefix):] if s.startswith(prefix) else None
-    try:
-        return tuple(read_hf_folder(d) if d else None
-                     for d in (spec(args.init_from, "gemma:"), spec(args.und_encoder, "siglip:")))
-    except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-
 # -----------------------------------------------------------------------------
-# 3. Data. A step's global batch is grad_accum micro-batches, each read from its own data shard
+# 6. Data. A step's global batch is grad_accum micro-batches, each read from its own data shard
 # (the dataset's rank/world_size sharding with world_size = grad_accum); process r owns shards
 # r*k .. r*k+k-1. Each micro-batch's random numbers are seeded from (seed, step, shard). So what a step
 # sees and computes depends neither on the number of processes nor on where a run was resumed.
@@ -482,7 +825,7 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------
-# 4. Optimisation helpers
+# 7. Optimisation and hardware
 
 
 def lr_at(step, args):
@@ -558,14 +901,6 @@ def measure_matmul_flops(device, dtype, seconds=1.0):
     return best
 
 
-def peak_memory(device):
-    """Bytes: the GPU's peak allocation, or on CPU the process's peak resident set (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def peak_flops(device, dtype):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -576,29 +911,20 @@ def peak_flops(device, dtype):
     return measure_matmul_flops(device, torch.float32), "CPU measured float32 matmul"
 
 
+def peak_memory(device):
+    """Bytes: the GPU's peak allocation, or on CPU the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 # -----------------------------------------------------------------------------
-# 5. Samples and evaluation (always with the EMA weights)
-
-
-def draw_grid(images, labels, path, cell=96, cols=6):
-    """PNG of images (B, 3, H, W) in [-1, 1], upscaled to `cell` px, each with its text drawn under it."""
-    from PIL import Image, ImageDraw, ImageFont
-    from vae import to_pil
-    font, line_h = ImageFont.load_default(), 11
-    wrapped = [textwrap.wrap(t or "(empty prompt)", width=cell // 6)[:4] for t in labels]
-    text_h = 4 * line_h + 4
-    rows = math.ceil(len(labels) / cols)
-    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (im, lines) in enumerate(zip(to_pil(images), wrapped)):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        canvas.paste(im.resize((cell, cell), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
-    canvas.save(path)
+# 8. Samples and evaluation (always with the EMA weights)
 
 
 def fixed_examples(args, n_prompts=12, n_images=6):
@@ -624,12 +950,12 @@ def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
                                 max_new_tokens=model.cfg.max_text_len) if und else []
     if path is None:                     # a rank of a sharded model that only computed along
         return
-    draw_grid(vae.decode(lat).float().cpu(), prompts, path + ".png")
+    save_grid(vae.decode(lat), path + ".png", cols=6, labels=prompts, cell=96)
     if und:
         inputs = os.path.join(os.path.dirname(path), "inputs.png")   # the images the text file talks about
         if not os.path.exists(inputs):
-            draw_grid(torch.stack([e["input_image"] for e in und]),
-                      [f"[{i}] {e['answer']}" for i, e in enumerate(und)], inputs)
+            save_grid(torch.stack([e["input_image"] for e in und]), inputs, cols=6,
+                      labels=[f"[{i}] {e['answer']}" for i, e in enumerate(und)], cell=96)
         with open(path + ".txt", "w") as f:
             for i, (e, t) in enumerate(zip(und, texts)):
                 f.write(f"[{i}] {e['task']}: {e['prompt'] or '(no prompt)'}\n"
@@ -637,12 +963,12 @@ def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
 
 
 @torch.no_grad()
-def val_losses(model, batches, image_weight):
+def val_losses(model, batches):
     """Mean image and text losses over fixed validation batches (fixed seeds: comparable across evals)."""
     li, lt, ni, nt = 0.0, 0.0, 0, 0
     for i, batch in enumerate(batches):
         torch.manual_seed(i)
-        out = model(batch, image_weight=image_weight)
+        out = model(batch)
         if "gen_tokens" in batch:
             li, ni = li + out["loss_image"].item(), ni + 1
         if (batch["targets"] != -100).any():
@@ -653,6 +979,20 @@ def val_losses(model, batches, image_weight):
 def val_batches(args, model, vae, device, n=8):
     stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
     return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
+
+
+def evaluate(model, vae, args, device, log=print):
+    """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
+    keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
+                                                   "position", "color_attr")),
+            "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
+            "edit_accuracy"]
+    out = dict.fromkeys(keys)
+    model.eval()
+    if args.dataset == "shapes":
+        out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
+    out.update(val_losses(model, val_batches(args, model, vae, device)))
+    return out
 
 
 @torch.no_grad()
@@ -696,65 +1036,6 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     return out
 
 
-def evaluate(model, vae, args, device, log=print):
-    """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
-    keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
-                                                   "position", "color_attr")),
-            "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
-            "edit_accuracy"]
-    out = dict.fromkeys(keys)
-    model.eval()
-    if args.dataset == "shapes":
-        out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
-    out.update(val_losses(model, val_batches(args, model, vae, device), model.cfg.image_weight))
-    return out
-
-# -----------------------------------------------------------------------------
-# 6. main
-
-
-def setup_vae(args, device, is_master, log):
-    """The VAE spec and model. Without --vae: reuse <out_dir>/../vae/vae.pt, or train it there first."""
-    from vae import load_vae, train_vae
-    spec = args.vae
-    if not spec:
-        spec = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), "vae", "vae.pt")
-        if os.path.exists(spec):
-            log(f"vae: reusing {spec} (delete it to retrain, or pass --vae)")
-        elif is_master:
-            from data import build_dataset
-            log(f"vae: no --vae given and none at {spec}: training the {args.dataset} VAE first "
-                f"({args.vae_steps} steps; later runs reuse it)")
-            with dataset_errors():
-                ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
-                                   seed=args.seed, tasks={"t2i": 1.0})
-            train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
-        if dist.is_initialized():
-            dist.barrier()               # the other ranks wait for rank 0's VAE
-    elif ":" not in spec[:4]:
-        spec = os.path.abspath(spec)
-        if not os.path.exists(spec):
-            raise SystemExit(f"train.py: error: --vae {args.vae}: no such file (train one with python vae.py)")
-    return spec, load_vae(spec, device)
-
-
-def setup_distributed(args):
-    """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE: one process per GPU (NCCL) or per CPU share (gloo)."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif ddp:                            # processes sharing a CPU split its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return ddp, rank, local_rank, world, device
-
-
 def eval_only(args, device, log):
     """Evaluate <out_dir>/ckpt.pt (EMA weights) with the run's own data flags and these sampling flags."""
     try:
@@ -773,312 +1054,48 @@ def eval_only(args, device, log):
     log(json.dumps({"result": "eval", "step": ckpt["step"], **result, "seconds": round(time.time() - t0, 1)}))
     return result
 
+# -----------------------------------------------------------------------------
+# 9. Flag parsing
 
-def main(argv=None):
-    args = get_args(argv)
-    ddp, rank, local_rank, world, device = setup_distributed(args)
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    if args.eval_only:
-        return eval_only(args, device, log)
 
-    # ---- init: from scratch, resume (this run's checkpoint) or a checkpoint's weights
-    ckpt = None
-    if args.init_from != "scratch" and not args.init_from.startswith("gemma:"):
-        try:
-            ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
-        for k in ("model", "model_args", "tokenizer"):   # a checkpoint's architecture is fixed: say so
-            if k in args.explicit and getattr(args, k) != ckpt.get("args", {}).get(k, getattr(args, k)):
-                raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was trained with "
-                                 f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
-                                 f"or start a new run in another --out_dir")
-    if args.init_from == "resume":       # continue with the run's own flags unless given again
-        for k, v in ckpt["args"].items():
-            if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "dump_grads",
-                                                    "debug_nan_steps", "stop_at", "time_budget", "fsdp"):
-                setattr(args, k, v)
-    if args.dataset == "latents" and args.init_from != "resume":   # the VAE and size they were encoded with
-        from data.latents import read_meta
-        with dataset_errors():
-            meta = read_meta(args.data_dir)
-        if args.vae and args.vae != meta["vae"]:
-            log(f"warning: --vae {args.vae} differs from {meta['vae']}, the VAE of the latents in {args.data_dir}")
-        args.vae, args.resolution = args.vae or meta["vae"], args.resolution or meta["resolution"]
-    args.grad_accum = args.grad_accum or world
-    if args.grad_accum % world:
-        raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    mix = task_mix(args)
-    if ckpt is not None:
-        try:
-            cfg0 = Config(**ckpt["config"])
-        except TypeError as e:
-            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was written by another "
-                             f"version of unifluid.py ({e})") from None
-        if "resolution" in args.explicit and args.resolution not in (0, cfg0.image_size):
-            raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint's model reads "
-                             f"{cfg0.image_size} px images, not --resolution {args.resolution}; drop --resolution")
-        args.resolution = cfg0.image_size
-        if args.vae and args.init_from != "resume" and os.path.abspath(args.vae) != ckpt["vae"]:
-            log(f"warning: --vae {args.vae} differs from the checkpoint's {ckpt['vae']}")
-        args.vae = args.vae or ckpt["vae"]
-    else:
-        gemma, siglip = read_pretrained(args)          # (config.json, tensors) of --init_from / --und_encoder
-        vit_size = siglip_config(siglip[0])["image_size"] if siglip else 0
-        if vit_size and args.resolution not in (0, vit_size):
-            raise SystemExit(f"train.py: error: --resolution {args.resolution} differs from the {vit_size} px "
-                             f"that the SigLIP tower {args.und_encoder} reads")
-        args.resolution = args.resolution or vit_size or Config.preset(args.model).image_size
+def fraction(s):
+    x = float(s)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return x
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    vae_spec, vae = setup_vae(args, device, master, log)
-    vae.requires_grad_(False)
-    if ckpt is not None:
-        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-        cfg = cfg0
-    else:
-        if args.tokenizer == "word":
-            from data import text_corpus
-            # shapes' corpus covers its few dozen words with a few thousand texts; captions need more
-            with dataset_errors():
-                tokenizer = WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
-                                                            5_000 if args.dataset == "shapes" else 50_000))
-        elif args.tokenizer.startswith("gemma:"):
-            with open(os.path.join(args.tokenizer[len("gemma:"):], "tokenizer.json"), encoding="utf-8") as f:
-                tokenizer = GemmaTokenizer(f.read(), gemma[0]["vocab_size"] if gemma else None)
-        else:
-            tokenizer = ByteTokenizer()
-        if args.resolution % vae.downsample:
-            raise SystemExit(f"train.py: error: --resolution {args.resolution} is not a multiple of the VAE's "
-                             f"downsampling {vae.downsample}")
-        try:                                       # pretrained parts set their own shapes; --model the rest
-            pretrained = {**(gemma_config(gemma[0]) if gemma else {}), **(siglip_config(siglip[0]) if siglip else {})}
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}") from None
-        cfg = Config.preset(args.model, **{**pretrained, **dict(
-            image_size=args.resolution, latent_size=args.resolution // vae.downsample,
-            latent_channels=vae.latent_channels), **model_args(args.model_args)})
-    order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
-    cfg = replace(cfg, order=order, image_weight=args.image_weight)
-    if (cfg.latent_size % cfg.patch_size or cfg.image_size % cfg.vit_patch
-            or (cfg.image_size // cfg.vit_patch) % cfg.vit_pool):
-        raise SystemExit(f"train.py: error: latent grid {cfg.latent_size} / patch_size {cfg.patch_size}, image "
-                         f"{cfg.image_size} / vit_patch {cfg.vit_patch} or that / vit_pool {cfg.vit_pool} does not divide")
-    torch.manual_seed(args.seed)         # every rank builds the same initial weights
-    model = UniFluid(cfg, tokenizer).to("cpu" if args.fsdp else device)   # FSDP moves only its shards to the GPU
-    cfg = model.cfg                      # vocab_size set from the tokenizer
-    model.llm.checkpointing = args.grad_checkpoint
-    start_step, bad_total = 0, 0
-    if ckpt is not None:
-        weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
-        try:
-            load_weights(model, weights, args.init_from)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
-    else:                                # the decoder and/or the ViT from Hugging Face weights
-        try:
-            if gemma:
-                load_gemma(model, gemma[1])
-                log(f"decoder: {gemma[0]['model_type']} weights from {args.init_from}")
-            if siglip:
-                load_siglip(model, siglip[1], freeze=args.freeze_und_encoder)
-                log(f"understanding encoder: SigLIP weights from {args.und_encoder}")
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}") from None
-        del gemma, siglip
-    if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen
-        model.vision.requires_grad_(False)
-    ema_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
-    if args.init_from == "resume" and ema_model is not None and ckpt.get("ema") is not None:
-        ema_model.load_state_dict(ckpt["ema"])
-    if args.fsdp:                        # the EMA is sharded the same way: lerped shard by shard
-        model = shard_model(model, device)
-        ema_model = ema_model and shard_model(ema_model, device)
-    optimizer = make_optimizer(model, args, device.type)   # after sharding: AdamW state only for this rank's shard
-    if args.init_from == "resume":
-        load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        start_step, bad_total = ckpt["step"], ckpt.get("bad_steps", 0)
-        set_rng_state(ckpt["rng"])
-    del ckpt
 
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
-    raw_model = model
-    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        if device.type == "cuda":
-            model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
-        log("compiling the model (first steps are slow)")
-        model = torch.compile(model)
-    if ddp and not args.fsdp:            # find_unused: a micro-batch without some task leaves its parts unused
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+def positive_int(s):
+    x = int(s)
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return x
 
-    # ---- what one step costs, and the device's peak
-    per_rank = args.grad_accum // world
-    global_batch = args.batch_size * args.grad_accum
-    flops_per_step = estimate_flops_per_example(cfg, mix) * global_batch
-    peak, peak_src = peak_flops(device, dtype)
-    n = lambda part=None: f"{raw_model.num_params(part) / 1e6:.2f}M"
-    log(f"model: {args.model}, {n()} params (decoder {n('llm')}, head {n('head')}, vit {n('vision')}), "
-        f"{cfg.num_image_tokens} image tokens of {cfg.token_dim} dims, vocab {cfg.vocab_size}, order {cfg.order}")
-    log(f"data: {args.dataset} {args.resolution}px, tasks {', '.join(f'{t} {s:.2f}' for t, s in mix.items())}; "
-        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} micro-batches over {world} process(es)")
-    log(f"device: {device} {str(dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
-        f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
 
-    # ---- data streams, fixed samples, logs
-    shards = range(rank * per_rank, (rank + 1) * per_rank)
-    runs_eval = master or args.fsdp      # a sharded forward needs every rank: all sample and evaluate, rank 0 writes
-    if start_step:
-        log(f"resuming at step {start_step}: skipping the {start_step * global_batch} examples already seen")
-    with dataset_errors():
-        streams = [ShardStream(args, "train", s, args.grad_accum, start_step * args.batch_size, mix) for s in shards]
-        if runs_eval:
-            fixed_prompts, fixed_und = fixed_examples(args)
-            vbatches = val_batches(args, raw_model, vae, device)
-    if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if start_step else "w")
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    stop_step = min(args.max_steps, args.stop_at or args.max_steps)
+def non_negative(kind):
+    def parse(s):
+        x = kind(s)
+        if x < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+        return x
+    return parse
 
-    def save(step):
-        if runs_eval:
-            save_checkpoint(ckpt_path, raw_model, optimizer, ema_model, step, tokenizer, vae_spec, args,
-                            bad_steps=bad_total)
 
-    stop = {"signal": None}              # SIGINT/SIGTERM: finish the step, checkpoint, exit
+def task_shares(s):
+    """'t2i=0.5,caption=0.25,vqa=0.25' -> dict."""
+    out = {}
+    for item in s.split(","):
+        name, _, share = item.partition("=")
+        if name.strip() not in TASKS or not share:
+            raise argparse.ArgumentTypeError(f"expected TASK=SHARE,... with TASK in {', '.join(TASKS)}, got {s!r}")
+        out[name.strip()] = non_negative(float)(share)
+    return out
 
-    def on_signal(sig, frame):
-        if stop["signal"] is not None:   # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(sig).name
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    from tqdm import tqdm
-    pbar = tqdm(total=stop_step, initial=start_step, disable=not master, dynamic_ncols=True, leave=False)
-    t_start = time.time()
-    train_time, steps_since, tokens_since, bad_in_row = 0.0, 0, 0.0, 0   # since the last log line
-    last = {}
-    step = start_step
-    try:
-        while step < stop_step:
-            t0 = time.time()
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            stats = torch.zeros(5, device=device)  # sums over micro-batches: loss, loss_image, loss_text, tokens, stop
-            for m, (shard, stream) in enumerate(zip(shards, streams)):
-                seed = step_seed(args.seed, step, shard)
-                torch.manual_seed(seed)              # the diffusion head's noise and timesteps
-                g_cpu = torch.Generator().manual_seed(seed)                    # CFG prompt dropout
-                g_dev = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else g_cpu  # masking
-                with dataset_errors():       # e.g. every sample of the shard is bad: one sentence, no traceback
-                    examples = stream.take(args.batch_size)
-                with ctx:
-                    batch = encode_batch(raw_model, vae, examples, device, g_cpu, cfg.cfg_dropout)
-                if ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
-                    raw_model.set_requires_gradient_sync(m == per_rank - 1)
-                elif ddp:                    # all-reduce gradients only after the last micro-batch
-                    model.require_backward_grad_sync = m == per_rank - 1
-                with ctx:
-                    out = model(batch, image_weight=args.image_weight, generator=g_dev)
-                if step in args.debug_nan_steps:
-                    out["loss"] = out["loss"] * float("nan")
-                (out["loss"] / per_rank).backward()       # DDP then averages over processes: the global mean
-                stats[:4] += torch.stack([out["loss"].detach().float(), out["loss_image"].float(),
-                                          out["loss_text"].float(), (batch["kind"] != 0).sum().float()])
-            if args.dump_grads and step == start_step:
-                grads = {n: full_tensor(p.grad).detach().cpu().clone() for n, p in raw_model.named_parameters()
-                         if p.grad is not None}  # sharded: gathered, a collective on every rank
-                if master:
-                    torch.save(grads, args.dump_grads)
-            stats[4] = float(stop["signal"] is not None or
-                             (args.time_budget > 0 and time.time() - t_start > 60 * args.time_budget))
-            if ddp:
-                dist.all_reduce(stats)
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                                   args.grad_clip or float("inf"))).item()
-            loss_v, loss_img, loss_txt = (x / args.grad_accum for x in stats[:3].tolist())
-            ntok, stop_flag = stats[3].item(), stats[4].item() > 0
-            if math.isfinite(loss_v) and math.isfinite(grad_norm):
-                optimizer.step()
-                if ema_model is not None:    # warm-up of the decay (TF's ExponentialMovingAverage num_updates)
-                    update_ema(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
-                bad_in_row = 0
-            else:
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                log(f"step {step}: loss {loss_v} / grad norm {grad_norm} is not finite: step skipped "
-                    f"({bad_in_row} in a row, {bad_total} in all)")
-                if bad_in_row >= args.max_bad_steps:
-                    raise SystemExit(f"train.py: error: the loss was NaN/inf for {bad_in_row} steps in a row (to step "
-                                     f"{step}); stopped without saving, so the last good checkpoint {ckpt_path} is "
-                                     f"intact: lower --lr or raise --warmup, then --init_from resume")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pbar.update(1)
-            train_time += time.time() - t0   # step time only: sampling and evaluation are not counted
-            steps_since += 1
-            tokens_since += ntok
-
-            if master and (step % args.log_interval == 0 or step == stop_step):
-                steps_per_s = steps_since / train_time
-                elapsed = time.time() - t_start
-                last = dict(step=step, loss=loss_v, loss_image=loss_img, loss_text=loss_txt, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=tokens_since / train_time, steps_per_s=steps_per_s,
-                            mfu=flops_per_step * steps_per_s / (peak * world), elapsed_s=elapsed,
-                            eta_s=(stop_step - step) / steps_per_s, skipped=bad_total,
-                            data_skipped=sum(s.skipped() for s in streams))
-                log_file.write(json.dumps(last) + "\n")
-                log_file.flush()
-                pbar.write(f"step {step}/{stop_step} | loss {loss_v:.4f} | img {loss_img:.4f} | txt {loss_txt:.4f} | "
-                           f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tokens_since / train_time / 1e3:.1f}k tok/s | "
-                           f"{steps_per_s:.2f} it/s | MFU {100 * last['mfu']:.1f}% | {fmt_time(elapsed)} elapsed, "
-                           f"eta {fmt_time(last['eta_s'])}"
-                           + (f" | {last['data_skipped']} bad samples skipped" if last["data_skipped"] else ""))
-                train_time, steps_since, tokens_since = 0.0, 0, 0.0
-            if runs_eval and (step % args.sample_interval == 0 or step == stop_step):
-                path = os.path.join(args.out_dir, "samples", f"step_{step:06d}") if master else None
-                with ctx:
-                    write_samples(ema_model or raw_model, vae, fixed_prompts, fixed_und, args, path, args.seed)
-            if runs_eval and (step % args.eval_interval == 0 or step == stop_step or stop_flag) and not bad_in_row:
-                with ctx:
-                    v = val_losses(ema_model or raw_model, vbatches, args.image_weight)
-                if master:
-                    pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
-                    log_file.write(json.dumps(dict(step=step, **v)) + "\n")
-                save(step)
-            if stop_flag:
-                why = stop["signal"] or f"the time budget of {args.time_budget} min"
-                log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
-                    f"--out_dir {args.out_dir}")
-                break
-    finally:                             # a library caller gets its own handlers back
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    pbar.close()
-
-    result = {}
-    if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
-        t0 = time.time()
-        with ctx:
-            result = evaluate(ema_model or raw_model, vae, args, device, log)
-        if master:
-            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-                json.dump(result, f, indent=1)
-        log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
-    if master:
-        log_file.close()
-        log(f"samples in {os.path.join(args.out_dir, 'samples')}, checkpoint {ckpt_path}")
-        log(json.dumps({"result": "train", "step": step, "loss": last.get("loss"), "loss_image": last.get("loss_image"),
-                        "loss_text": last.get("loss_text"), "tokens_per_s": last.get("tokens_per_s"),
-                        "mfu": last.get("mfu"), "seconds": round(time.time() - t_start, 1), "skipped": bad_total,
-                        "peak_memory_gb": round(peak_memory(device) / 2**30, 3), **result, "checkpoint": ckpt_path}))
-    if ddp:
-        dist.barrier()                   # let rank 0 finish its checkpoint and evaluation
-        dist.destroy_process_group()
-    return result
+def tokenizer_spec(s):
+    if s not in ("word", "byte") and not s.startswith("gemma:"):
+        raise argparse.ArgumentTypeError(f"expected word, byte or gemma:DIR, got {s!r}")
+    return s
 
 
 if __name__ == "__main__":

@@ -581,8 +581,11 @@ class ResBlock(nn.Module):
 
 
 class DiffusionHead(nn.Module):
+    """The MLP that predicts the noise of one token. Its interface: token_dim, condition(z) (the decoder
+    output embedded once per token), forward(x_t, t, c)."""
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
+        self.token_dim = token_dim
         self.t_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.c_embed = nn.Linear(cond_dim, width)
         self.x_in = nn.Linear(token_dim, width)
@@ -594,8 +597,11 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(m.weight)   # zero-init modulation and output: the head starts as "predict 0"
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, z, cz=None):  # noisy token (n, Dt), timestep (n,) or (1,), condition (n, D) -> eps
-        c = self.t_embed(timestep_embedding(t, 256)) + (self.c_embed(z) if cz is None else cz)
+    def condition(self, z):            # decoder output (n, D) -> (n, width); the same at every timestep
+        return self.c_embed(z)
+
+    def forward(self, x, t, c):        # noisy token (n, Dt), timestep (n,) or (1,), condition(z) (n, width) -> eps
+        c = self.t_embed(timestep_embedding(t, 256)) + c
         h = self.x_in(x)
         for b in self.blocks:
             h = b(h, c)
@@ -628,7 +634,7 @@ class GaussianDiffusion(nn.Module):
         x_t = a.sqrt() * target + (1 - a).sqrt() * noise
         if self.prediction == "v":                       # v = sqrt(a) eps - sqrt(1 - a) x0
             noise = a.sqrt() * noise - (1 - a).sqrt() * target
-        return F.mse_loss(self.head(x_t.to(z.dtype), t, z).float(), noise.float())
+        return F.mse_loss(self.head(x_t.to(z.dtype), t, self.head.condition(z)).float(), noise.float())
 
     @torch.no_grad()
     def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None):
@@ -642,12 +648,12 @@ class GaussianDiffusion(nn.Module):
         ts = torch.linspace(0, self.steps - 1, num_steps, device=z.device).round().long()
         acp = self.acp[ts]
         acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
-        x = temperature * torch.randn(n, self.head.out.out_features, generator=generator, device=z.device)
-        cz = self.head.c_embed(z)          # the condition is the same at every step: embed it once
+        x = temperature * torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
+        c = self.head.condition(z)         # the same at every step: embedded once
         for i in reversed(range(num_steps)):
             a, ap = acp[i], acp_prev[i]
             xin = torch.cat([x, x]) if guided else x
-            eps = self.head(xin.to(z.dtype), ts[i].view(1), z, cz).float()   # one timestep for all rows
+            eps = self.head(xin.to(z.dtype), ts[i].view(1), c).float()   # one timestep for all rows
             if guided:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + cfg * (cond - uncond)
@@ -700,6 +706,24 @@ class UniFluid(nn.Module):
     def num_params(self, part=None):
         mod = {"llm": self.llm, "head": self.diffusion, "vision": self.vision}.get(part, self)
         return sum(p.numel() for p in mod.parameters())
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, ema=True):
+        """The model a train.py checkpoint (the dict torch.load gives) describes: its config, tokenizer and
+        weights, the EMA weights when it has them and ema is True. ValueError, one sentence, if it does not fit."""
+        missing = {"model", "config", "tokenizer"} - set(ckpt if isinstance(ckpt, dict) else ())
+        if missing:
+            raise ValueError(f"not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
+        try:
+            model = cls(Config(**ckpt["config"]), tokenizer_from_state(ckpt["tokenizer"]))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"written by another version of unifluid.py: its config does not fit this code "
+                             f"({type(e).__name__}: {e})") from None
+        try:
+            model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"the weights do not match the checkpoint's own config ({str(e).splitlines()[0]})") from None
+        return model
 
     # ---- sequence layout (the three layouts at the top of this file): left-padded, so image blocks and answers end each row
 
@@ -780,10 +804,11 @@ class UniFluid(nn.Module):
             if self.cfg.sliding_window > 0 else m["global"]
         return m
 
-    def forward(self, batch, image_weight=None, generator=None):
-        """Returns dict(loss, loss_image, loss_text); a task absent from the batch contributes 0."""
+    def forward(self, batch, generator=None):
+        """Returns dict(loss, loss_image, loss_text); a task absent from the batch contributes 0.
+        The weight w of  w * L_image + (1 - w) * L_text  is cfg.image_weight (train.py's --image_weight)."""
         cfg = self.cfg
-        w = cfg.image_weight if image_weight is None else image_weight
+        w = cfg.image_weight
         ids, kind, targets = batch["ids"], batch["kind"], batch["targets"]
         gen_in, img_mask = None, None
         if "gen_tokens" in batch:
@@ -820,8 +845,8 @@ class UniFluid(nn.Module):
         (cfg_schedule "linear", MAR's default) or stays at cfg ("constant", MAR's other option).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
         (use_cache). Both switches exist for the naive baseline of `sample.py --bench`."""
-        c, dev = self.cfg, self.llm.embed_tokens.weight.device
-        B, N, guided = len(prompts), c.num_image_tokens, cfg != 1.0
+        config, dev = self.cfg, self.llm.embed_tokens.weight.device
+        B, N, guided = len(prompts), config.num_image_tokens, cfg != 1.0
         task = "edit" if und_images is not None else "t2i"
         tasks, texts = [task] * B, list(prompts)
         if guided:                       # uncond rows: the empty prompt (image kept for editing)
@@ -834,7 +859,7 @@ class UniFluid(nn.Module):
         P = ids.shape[1] - N                                                   # prefix length
         cache = None
         if use_cache:                    # prefix (text, und block) never attends the image block
-            cache = KVCache(c, ids.shape[0], ids.shape[1], dev, self.llm.embed_tokens.weight.dtype)
+            cache = KVCache(config, ids.shape[0], ids.shape[1], dev, self.llm.embed_tokens.weight.dtype)
             prefix = self.embed(ids[:, :P], kind[:, :P], None, und)
             self.llm(prefix, pos[:, :P], {k: m[:, :, :P, :P] for k, m in masks.items()}, cache, 0)
 
@@ -848,16 +873,16 @@ class UniFluid(nn.Module):
                                   for i in range(2)])
             return self.llm(self.embed(ids, kind, gen_in, und), pos, masks)[:, P:]
 
-        tokens = torch.zeros(B, N, c.token_dim, device=dev)
+        tokens = torch.zeros(B, N, config.token_dim, device=dev)
         mask = torch.ones(B, N, dtype=torch.bool, device=dev)
-        if c.order == "raster":
+        if config.order == "raster":
             steps, orders = N, torch.arange(N - 1, -1, -1, device=dev).expand(B, N)  # last slots masked longest
         else:
             steps, orders = num_iter, random_orders(B, N, generator, dev)
         for k in range(steps):
             rows = lambda x: torch.cat([x, x]) if guided else x
             z = self.head_condition(trunk(rows(self.gen_inputs(tokens, mask))))
-            if c.order == "raster":
+            if config.order == "raster":
                 mask_len = N - k - 1
             else:
                 mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))
@@ -872,13 +897,13 @@ class UniFluid(nn.Module):
             tokens = tokens.clone()
             tokens[reveal] = out.to(tokens.dtype)
             mask = new_mask
-        return unpatchify(tokens, c.patch_size, c.latent_channels)
+        return unpatchify(tokens, config.patch_size, config.latent_channels)
 
     @torch.no_grad()
     def generate_text(self, und_images, prompts, max_new_tokens=32, temperature=0.0, top_k=None,
                       generator=None, use_cache=True, return_logits=False):
         """Captioning / VQA: [und] <bos> prompt <sep> -> answer, greedy (temperature 0) or sampled."""
-        c, tok, dev = self.cfg, self.tokenizer, self.llm.embed_tokens.weight.device
+        config, tok, dev = self.cfg, self.tokenizer, self.llm.embed_tokens.weight.device
         B = len(prompts)
         rows = [self.layout("vqa", p) for p in prompts]
         rows = [(i[:-1], k[:-1]) for i, k, _ in rows]          # drop the (empty answer's) eos
@@ -889,7 +914,7 @@ class UniFluid(nn.Module):
         ids = torch.cat([ids, torch.full((B, max_new_tokens), PAD, device=dev)], 1)
         pos, masks = positions(kind), self.masks(kind)
         und = und_images.to(dev)
-        cache = KVCache(c, B, ids.shape[1], dev, self.llm.embed_tokens.weight.dtype) if use_cache else None
+        cache = KVCache(config, B, ids.shape[1], dev, self.llm.embed_tokens.weight.dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out, all_logits, T = [], [], T0
         for step in range(max_new_tokens):

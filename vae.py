@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,13 +50,13 @@ class VAEConfig:
             # ours: 32 px shapes -> 8x8x4 latents; small enough to train on a 2-core CPU in minutes.
             # scale_factor is a placeholder until train_vae measures it on data.
             # (0.7M params, ~0.18 GFLOP per image forward: widths 16/32/64 at 32/16/8 px)
-            'shapes': dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4,
+            "shapes": dict(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4,
                            norm_groups=8, scale_factor=1.0),
             # Stable Diffusion 1.x (and sd-vae-ft-mse): 8x down, 4 channels
-            'sd': dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
+            "sd": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
                        scale_factor=0.18215),
             # MAR's KL-16 (LDM code): 16x down, 16 channels, attention at the 16x16 level of a 256 px image
-            'mar-kl16': dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, latent_channels=16,
+            "mar-kl16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, latent_channels=16,
                              attn_levels=(4,), scale_factor=0.2325),
         }
         if name not in presets:
@@ -124,7 +125,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
@@ -255,40 +256,40 @@ def save_vae(vae, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vae.config).items()}
     state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
-    torch.save({'config': config, 'state_dict': state, 'scale_factor': vae.scale_factor}, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    torch.save({"config": config, "state_dict": state, "scale_factor": vae.scale_factor}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def torch_load(path):
     """torch.load of an untrusted file: tensors and plain containers only (weights_only: a pickle that
     would run code is refused), and any unreadable file becomes one ValueError naming it."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # UnpicklingError, a torn zip (RuntimeError), EOFError, ...
-        why = (str(e).strip().splitlines() or [''])[0]
+        why = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{path} cannot be read as PyTorch weights ({type(e).__name__}: {why})") from None
 
 
-def load_vae(spec, device='cpu', **overrides):
+def load_vae(spec, device="cpu", **overrides):
     """spec: 'PATH.pt' (ours), 'sd:DIR' (diffusers folder) or 'mar:PATH' (LDM/MAR ckpt).
     overrides: VAEConfig fields that weights cannot tell (e.g. norm_groups, scale_factor)."""
-    if spec.startswith('sd:'):
+    if spec.startswith("sd:"):
         state, cfg = _read_diffusers(spec[3:])
         cfg = {**_infer_config(state), **cfg}
-    elif spec.startswith('mar:'):
+    elif spec.startswith("mar:"):
         ckpt = torch_load(spec[4:])
-        state = _ldm_to_diffusers(ckpt.get('model', ckpt.get('state_dict', ckpt)))
-        cfg = {**_infer_config(state), 'scale_factor': 0.2325}  # MAR's KL-16 factor
+        state = _ldm_to_diffusers(ckpt.get("model", ckpt.get("state_dict", ckpt)))
+        cfg = {**_infer_config(state), "scale_factor": 0.2325}  # MAR's KL-16 factor
     else:
         ckpt = torch_load(spec)
-        if not isinstance(ckpt, dict) or 'config' not in ckpt:
+        if not isinstance(ckpt, dict) or "config" not in ckpt:
             raise ValueError(f"{spec!r} is not a save_vae checkpoint; for external weights use "
                              f"'sd:DIR' (diffusers) or 'mar:PATH' (LDM/MAR)")
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt['config'].items()}
-        cfg['scale_factor'] = ckpt['scale_factor']
-        state = ckpt['state_dict']
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
+        cfg["scale_factor"] = ckpt["scale_factor"]
+        state = ckpt["state_dict"]
     config = VAEConfig(**{**cfg, **overrides})
     vae = AutoencoderKL(config)
     _check_state(vae, state, spec)
@@ -305,8 +306,8 @@ def read_safetensors(path):
     except ImportError as e:
         raise ImportError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from e
     size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little') if size >= 8 else -1
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
         header = f.read(n) if 0 < n <= min(size - 8, 100 << 20) else None   # 100 MB: the library's own cap
     try:
         meta = json.loads(header) if header is not None else None
@@ -315,7 +316,7 @@ def read_safetensors(path):
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
     try:
-        end = max((int(t['data_offsets'][1]) for k, t in meta.items() if k != '__metadata__'), default=0)
+        end = max((int(t["data_offsets"][1]) for k, t in meta.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         end = None
     if end is None or end > size - 8 - n:
@@ -327,55 +328,55 @@ def read_safetensors(path):
 
 
 def _read_diffusers(path):
-    if os.path.isdir(os.path.join(path, 'vae')):  # a whole pipeline folder
-        path = os.path.join(path, 'vae')
-    with open(os.path.join(path, 'config.json')) as f:
+    if os.path.isdir(os.path.join(path, "vae")):  # a whole pipeline folder
+        path = os.path.join(path, "vae")
+    with open(os.path.join(path, "config.json")) as f:
         dcfg = json.load(f)
-    if not dcfg.get('use_quant_conv', True) or not dcfg.get('use_post_quant_conv', True):
+    if not dcfg.get("use_quant_conv", True) or not dcfg.get("use_post_quant_conv", True):
         raise ValueError(f"{path}: VAEs without quant_conv/post_quant_conv (SD3/Flux) are not supported")
-    st_file = os.path.join(path, 'diffusion_pytorch_model.safetensors')
+    st_file = os.path.join(path, "diffusion_pytorch_model.safetensors")
     if os.path.exists(st_file):
         state = read_safetensors(st_file)
     else:
-        state = torch_load(os.path.join(path, 'diffusion_pytorch_model.bin'))
+        state = torch_load(os.path.join(path, "diffusion_pytorch_model.bin"))
     # older diffusers files name the attention projections query/key/value/proj_attn
-    renames = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.', '.proj_attn.': '.to_out.0.'}
+    renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
     out = {}
     for k, v in state.items():
         for old, new in renames.items():
             k = k.replace(old, new)
-        out[k] = v.flatten(1) if '.attentions.' in k and v.ndim == 4 else v  # some store 1x1 convs
-    cfg = dict(norm_groups=dcfg.get('norm_num_groups', 32), scale_factor=dcfg.get('scaling_factor', 0.18215),
-               mid_attention=dcfg.get('mid_block_add_attention', True))
+        out[k] = v.flatten(1) if ".attentions." in k and v.ndim == 4 else v  # some store 1x1 convs
+    cfg = dict(norm_groups=dcfg.get("norm_num_groups", 32), scale_factor=dcfg.get("scaling_factor", 0.18215),
+               mid_attention=dcfg.get("mid_block_add_attention", True))
     return out, cfg
 
 
 def _ldm_to_diffusers(state):
     """Rename an LDM/MAR state dict (encoder.down.N.block.M, mid.attn_1, decoder.up.N ...) to ours."""
-    state = {k.removeprefix('first_stage_model.'): v for k, v in state.items()
-             if not k.startswith('loss.')}  # loss.*: LPIPS/discriminator weights saved by LDM training
-    n_up = 1 + max((int(m.group(1)) for k in state if (m := re.match(r'decoder\.up\.(\d+)\.', k))), default=-1)
+    state = {k.removeprefix("first_stage_model."): v for k, v in state.items()
+             if not k.startswith("loss.")}  # loss.*: LPIPS/discriminator weights saved by LDM training
+    n_up = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
     rules = [  # (pattern, replacement); applied in order
-        (r'^encoder\.down\.(\d+)\.block\.', r'encoder.down_blocks.\1.resnets.'),
-        (r'^encoder\.down\.(\d+)\.attn\.', r'encoder.down_blocks.\1.attentions.'),
-        (r'^encoder\.down\.(\d+)\.downsample\.', r'encoder.down_blocks.\1.downsamplers.0.'),
+        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+        (r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
         # LDM keeps decoder.up in resolution order (up.0 = full resolution); diffusers runs
         # up_blocks in execution order (up_blocks.0 = lowest resolution): reverse the index
-        (r'^decoder\.up\.(\d+)\.block\.', lambda m: f'decoder.up_blocks.{n_up - 1 - int(m.group(1))}.resnets.'),
-        (r'^decoder\.up\.(\d+)\.upsample\.', lambda m: f'decoder.up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0.'),
-        (r'\.mid\.block_1\.', '.mid_block.resnets.0.'), (r'\.mid\.block_2\.', '.mid_block.resnets.1.'),
-        (r'\.mid\.attn_1\.', '.mid_block.attentions.0.'),
-        (r'\.norm_out\.', '.conv_norm_out.'), (r'\.nin_shortcut\.', '.conv_shortcut.'),
-        (r'(attentions\.\d+)\.norm\.', r'\1.group_norm.'), (r'(attentions\.\d+)\.q\.', r'\1.to_q.'),
-        (r'(attentions\.\d+)\.k\.', r'\1.to_k.'), (r'(attentions\.\d+)\.v\.', r'\1.to_v.'),
-        (r'(attentions\.\d+)\.proj_out\.', r'\1.to_out.0.'),
+        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}.resnets."),
+        (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0."),
+        (r"\.mid\.block_1\.", ".mid_block.resnets.0."), (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+        (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+        (r"\.norm_out\.", ".conv_norm_out."), (r"\.nin_shortcut\.", ".conv_shortcut."),
+        (r"(attentions\.\d+)\.norm\.", r"\1.group_norm."), (r"(attentions\.\d+)\.q\.", r"\1.to_q."),
+        (r"(attentions\.\d+)\.k\.", r"\1.to_k."), (r"(attentions\.\d+)\.v\.", r"\1.to_v."),
+        (r"(attentions\.\d+)\.proj_out\.", r"\1.to_out.0."),
     ]
     out = {}
     for k, v in state.items():
         for pattern, repl in rules:
             k = re.sub(pattern, repl, k)
         # LDM attention projections are 1x1 convs (C, C, 1, 1); ours are Linear (C, C)
-        out[k] = v.flatten(1) if '.attentions.' in k and v.ndim == 4 else v
+        out[k] = v.flatten(1) if ".attentions." in k and v.ndim == 4 else v
     return out
 
 
@@ -385,16 +386,16 @@ def _infer_config(state):
         if name not in state:
             raise ValueError(f"cannot infer the VAE architecture: checkpoint has no tensor {name!r}")
         return state[name]
-    if 'encoder.conv_in.weight' not in state:
+    if "encoder.conv_in.weight" not in state:
         return {}  # not a VAE state at all; _check_state will list what is missing
-    ch = get('encoder.conv_in.weight').shape[0]
-    n = len({k.split('.')[2] for k in state if k.startswith('encoder.down_blocks.')})
-    mult = tuple(get(f'encoder.down_blocks.{i}.resnets.0.conv1.weight').shape[0] // ch for i in range(n))
-    n_res = len({k.split('.')[4] for k in state if k.startswith('encoder.down_blocks.0.resnets.')})
-    return dict(in_channels=get('encoder.conv_in.weight').shape[1], ch=ch, ch_mult=mult, num_res_blocks=n_res,
-                latent_channels=get('post_quant_conv.weight').shape[0],
-                attn_levels=tuple(i for i in range(n) if f'encoder.down_blocks.{i}.attentions.0.to_q.weight' in state),
-                mid_attention='encoder.mid_block.attentions.0.to_q.weight' in state)
+    ch = get("encoder.conv_in.weight").shape[0]
+    n = len({k.split(".")[2] for k in state if k.startswith("encoder.down_blocks.")})
+    mult = tuple(get(f"encoder.down_blocks.{i}.resnets.0.conv1.weight").shape[0] // ch for i in range(n))
+    n_res = len({k.split(".")[4] for k in state if k.startswith("encoder.down_blocks.0.resnets.")})
+    return dict(in_channels=get("encoder.conv_in.weight").shape[1], ch=ch, ch_mult=mult, num_res_blocks=n_res,
+                latent_channels=get("post_quant_conv.weight").shape[0],
+                attn_levels=tuple(i for i in range(n) if f"encoder.down_blocks.{i}.attentions.0.to_q.weight" in state),
+                mid_attention="encoder.mid_block.attentions.0.to_q.weight" in state)
 
 
 def _check_state(model, state, source):
@@ -406,10 +407,10 @@ def _check_state(model, state, source):
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         msg = [f"checkpoint {source!r} does not match the VAE architecture ({model.config})"]
-        for title, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', shapes)):
+        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if names:
-                msg.append(f"{len(names)} {title} tensors: " + ', '.join(names[:20]) + (' ...' if len(names) > 20 else ''))
-        raise ValueError('\n'.join(msg))
+                msg.append(f"{len(names)} {title} tensors: " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+        raise ValueError("\n".join(msg))
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def from_pil(pil_images, size):
     pil_images = [pil_images] if isinstance(pil_images, Image.Image) else pil_images
     out = []
     for im in pil_images:
-        im = im.convert('RGB')
+        im = im.convert("RGB")
         s = size / min(im.size)
         w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
         im = im.resize((w, h), Image.BICUBIC)
@@ -441,17 +442,33 @@ def from_pil(pil_images, size):
     return torch.stack(out)
 
 
-def save_grid(rows, path):
-    """rows: list of (B, 3, H, W) tensors in [-1, 1], drawn one above the other into one PNG."""
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, B*W)
-    to_pil(grid)[0].save(path)
+def save_grid(images, path, cols, labels=None, cell=None):
+    """The one picture writer: images (B, 3, H, W) in [-1, 1] -> one PNG, `cols` to a row. With labels,
+    each image is upscaled to `cell` px with its text under it. Written to a temporary file and renamed,
+    so a reader (or a second writer) never sees half a picture. OSError if it cannot be written."""
+    from PIL import Image, ImageDraw, ImageFont
+    ims = to_pil(images)
+    cell, text_h = cell or ims[0].width, 4 * 11 + 4 if labels is not None else 0   # 4 lines of 11 px
+    rows = math.ceil(len(ims) / cols)
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, im in enumerate(ims):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(im if im.width == cell else im.resize((cell, cell), Image.NEAREST), (x, y))
+        if labels is not None:
+            lines = textwrap.wrap(labels[i] or "(empty prompt)", width=cell // 6)[:4]
+            draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
 def save_reconstructions(vae, images, path):
     """PNG with originals on top and their reconstructions below: the first thing to look at."""
     device = next(vae.parameters()).device
-    save_grid([images, vae.decode(vae.encode(images.to(device))).cpu()], path)
+    save_grid(torch.cat([images, vae.decode(vae.encode(images.to(device))).cpu()]), path, cols=len(images))
 
 
 # -----------------------------------------------------------------------------
@@ -468,13 +485,13 @@ def image_batches(dataset, batch_size):
             n_seen += 1
             img = item
             if isinstance(item, dict):
-                img = item['output_image' if item.get('task', 't2i') in ('t2i', 'edit') else 'input_image']
+                img = item["output_image" if item.get("task", "t2i") in ("t2i", "edit") else "input_image"]
             batch.append(img)
             if len(batch) == batch_size:
                 yield torch.stack(batch)
                 batch = []
         if n_seen == 0:
-            raise ValueError('train_vae: the dataset yielded no images')
+            raise ValueError("train_vae: the dataset yielded no images")
 
 
 def psnr(images, recons):
@@ -492,14 +509,14 @@ def evaluate_psnr(vae, batches, device):
     return sum(scores) / len(scores)
 
 
-def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu', log=print,
+def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device="cpu", log=print,
               config=None, eval_dataset=None, kl_weight=1e-6, seed=0, eval_every=250):
     """Train a VAE on `dataset` (see image_batches), measure its scale factor, save out_dir/vae.pt."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     batches = image_batches(dataset, batch_size)
     first = next(batches)
-    config = config or VAEConfig.preset('shapes')
+    config = config or VAEConfig.preset("shapes")
     vae = AutoencoderKL(config).to(device).train()
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"vae: {n_params / 1e6:.2f}M params, images {tuple(first.shape[1:])} -> latents "
@@ -512,12 +529,12 @@ def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu',
 
     from tqdm import tqdm
     t0 = time.time()
-    pbar = tqdm(range(steps), desc='vae', dynamic_ncols=True)
+    pbar = tqdm(range(steps), desc="vae", dynamic_ncols=True)
     for step in pbar:
         # linear warmup, then cosine decay to 10% of lr (the last steps polish the reconstruction)
         frac = max(0.0, (step - warmup) / max(1, steps - warmup))
         for g in opt.param_groups:
-            g['lr'] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = (first if step == 0 else next(batches)).to(device)  # (B, 3, H, W)
         mean, logvar = vae.posterior(x)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)  # reparameterised sample
@@ -536,7 +553,7 @@ def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu',
             # (the scale factor is not measured yet, but PSNR of decode(encode(x)) does not depend on it)
             pbar.write(f"step {step}: PSNR {evaluate_psnr(vae, eval_batches, device):.2f} dB, "
                        f"{time.time() - t0:.0f}s")
-            save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, 'reconstructions.png'))
+            save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, "reconstructions.png"))
 
     # SD's recipe: scale latents by 1/std measured on training data, so the generator sees ~unit variance
     vae.eval()
@@ -544,9 +561,9 @@ def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu',
         latents = torch.cat([vae.posterior(next(batches).to(device))[0].cpu() for _ in range(8)])
     config.scale_factor = 1.0 / latents.std().item()
     score = evaluate_psnr(vae, eval_batches, device)
-    save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, 'reconstructions.png'))
-    save_vae(vae, os.path.join(out_dir, 'vae.pt'))
-    which = 'held-out' if eval_dataset is not None else 'train'
+    save_reconstructions(vae, eval_batches[0][:8], os.path.join(out_dir, "reconstructions.png"))
+    save_vae(vae, os.path.join(out_dir, "vae.pt"))
+    which = "held-out" if eval_dataset is not None else "train"
     log(f"vae: {steps} steps in {time.time() - t0:.0f}s, {which} PSNR {score:.2f} dB, "
         f"scale_factor {config.scale_factor:.4f}, saved {os.path.join(out_dir, 'vae.pt')}")
     vae.psnr = score  # held-out (or train) PSNR, for the caller's log
@@ -555,29 +572,29 @@ def train_vae(dataset, out_dir, steps=800, batch_size=32, lr=2e-3, device='cpu',
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description='Train the VAE that turns images into UniFluid tokens; or, with '
-                                            '--encode, encode a real dataset once into latents for '
-                                            'train.py --dataset latents --data_dir OUT_DIR (data/latents.py).')
-    p.add_argument('--dataset', default='shapes', help="a dataset name known to data.build_dataset")
-    p.add_argument('--data_dir', default=None, help='where the dataset lives (not needed for shapes)')
-    p.add_argument('--out_dir', default='out/vae')
-    p.add_argument('--preset', default='shapes', help='VAEConfig preset to train')
-    p.add_argument('--resolution', type=int, default=32)
-    p.add_argument('--steps', type=int, default=800)
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--kl_weight', type=float, default=1e-6)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=0,
+    p = argparse.ArgumentParser(description="Train the VAE that turns images into UniFluid tokens; or, with "
+                                            "--encode, encode a real dataset once into latents for "
+                                            "train.py --dataset latents --data_dir OUT_DIR (data/latents.py).")
+    p.add_argument("--dataset", default="shapes", help="a dataset name known to data.build_dataset")
+    p.add_argument("--data_dir", default=None, help="where the dataset lives (not needed for shapes)")
+    p.add_argument("--out_dir", default="out/vae")
+    p.add_argument("--preset", default="shapes", help="VAEConfig preset to train")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default). On a CPU shared with other jobs, "
                         "1 avoids OpenMP threads spin-waiting on each other (5-10x slower steps)")
-    g = p.add_argument_group('--encode: pre-encode a real dataset (as MAR does), instead of training')
-    g.add_argument('--encode', action='store_true', help='write OUT_DIR/{split}-*.pt latent shards + meta.json')
-    g.add_argument('--vae', default='', help='the VAE to encode with: our vae.pt, sd:DIR or mar:PATH')
-    g.add_argument('--split', default='train', help='which split of the dataset to encode')
-    g.add_argument('--shard_size', type=int, default=2000, help='images per latent shard')
-    g.add_argument('--latent_dtype', choices=['float16', 'float32'], default='float16')
+    g = p.add_argument_group("--encode: pre-encode a real dataset (as MAR does), instead of training")
+    g.add_argument("--encode", action="store_true", help="write OUT_DIR/{split}-*.pt latent shards + meta.json")
+    g.add_argument("--vae", default="", help="the VAE to encode with: our vae.pt, sd:DIR or mar:PATH")
+    g.add_argument("--split", default="train", help="which split of the dataset to encode")
+    g.add_argument("--shard_size", type=int, default=2000, help="images per latent shard")
+    g.add_argument("--latent_dtype", choices=["float16", "float32"], default="float16")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -586,33 +603,33 @@ def main(argv=None):
 
     from data import build_dataset  # lazy: vae.py itself must not need data/
     # t2i examples only: every one carries a real image (in other tasks one image slot is zeros)
-    kw = dict(data_dir=args.data_dir, resolution=args.resolution, seed=args.seed, tasks={'t2i': 1.0})
-    train = build_dataset(args.dataset, split='train', **kw)
-    held_out = build_dataset(args.dataset, split='val', **kw)  # distinct seeds (and unseen pairs)
+    kw = dict(data_dir=args.data_dir, resolution=args.resolution, seed=args.seed, tasks={"t2i": 1.0})
+    train = build_dataset(args.dataset, split="train", **kw)
+    held_out = build_dataset(args.dataset, split="val", **kw)  # distinct seeds (and unseen pairs)
     t0 = time.time()
     vae = train_vae(train, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     device=args.device, config=VAEConfig.preset(args.preset), eval_dataset=held_out,
                     kl_weight=args.kl_weight, seed=args.seed)
-    print(json.dumps({'result': 'vae', 'psnr_db': round(vae.psnr, 2), 'seconds': round(time.time() - t0, 1),
-                      'scale_factor': round(vae.scale_factor, 5), 'steps': args.steps}))
+    print(json.dumps({"result": "vae", "psnr_db": round(vae.psnr, 2), "seconds": round(time.time() - t0, 1),
+                      "scale_factor": round(vae.scale_factor, 5), "steps": args.steps}))
 
 
 def encode_main(args, parser):
     from data.latents import encode_dataset
     if not args.vae:
-        parser.error('--encode needs --vae: the VAE train.py will decode with (our vae.pt, sd:DIR or mar:PATH)')
-    spec = args.vae if ':' in args.vae[:4] else os.path.abspath(args.vae)
+        parser.error("--encode needs --vae: the VAE train.py will decode with (our vae.pt, sd:DIR or mar:PATH)")
+    spec = args.vae if ":" in args.vae[:4] else os.path.abspath(args.vae)
     t0 = time.time()
     try:
         n = encode_dataset(load_vae(spec, args.device), spec, args.dataset, args.data_dir, args.out_dir, args.split,
                            args.resolution, args.batch_size, args.shard_size, getattr(torch, args.latent_dtype),
                            args.device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'vae.py: error: {e}') from None
-    print(json.dumps({'result': 'encode', 'samples': n, 'out_dir': args.out_dir,
-                      'seconds': round(time.time() - t0, 1)}))
+        raise SystemExit(f"vae.py: error: {e}") from None
+    print(json.dumps({"result": "encode", "samples": n, "out_dir": args.out_dir,
+                      "seconds": round(time.time() - t0, 1)}))
     return n
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

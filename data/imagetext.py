@@ -47,12 +47,12 @@ from torch.utils.data import IterableDataset
 
 from . import make_example, pick_task, worker_unit
 
-README = 'data/README.md'
-IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
-TEXT_EXTS = ('txt', 'caption', 'text')
-PATH_COLUMNS = ('filepath', 'file_path', 'image_path', 'path', 'file', 'filename', 'file_name', 'image', 'img', 'jpg')
-CAPTION_COLUMNS = ('caption', 'text', 'title', 'txt', 'prompt', 'description')
-URL_RE = re.compile(r'^\s*https?://', re.I)
+README = "data/README.md"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TEXT_EXTS = ("txt", "caption", "text")
+PATH_COLUMNS = ("filepath", "file_path", "image_path", "path", "file", "filename", "file_name", "image", "img", "jpg")
+CAPTION_COLUMNS = ("caption", "text", "title", "txt", "prompt", "description")
+URL_RE = re.compile(r"^\s*https?://", re.I)
 
 
 class DataWarning(UserWarning):
@@ -65,26 +65,26 @@ class Skip(Exception):
 
 def _no_images(path):
     return ValueError(
-        f'{path} is a CC3M/CC12M-style list of captions and image URLs: it holds no images. Download the '
-        f'images with img2dataset (see {README}) and point --data_dir at its output folder.')
+        f"{path} is a CC3M/CC12M-style list of captions and image URLs: it holds no images. Download the "
+        f"images with img2dataset (see {README}) and point --data_dir at its output folder.")
 
 
 # ----------------------------------------------------------------------------- images
 
 def to_rgb(img):
     """Any Pillow mode -> RGB: 16-bit and float grey rescaled, transparency composited on white."""
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(img, dtype=np.float32)
         if a.max() > 255:  # 16-bit
             a = a / 257.0
-        elif img.mode == 'F' and a.max() <= 1.0:
+        elif img.mode == "F" and a.max() <= 1.0:
             a = a * 255.0
-        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), 'L')
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
-        rgba = img.convert('RGBA')
-        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert('RGB')
-    return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, ...
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
 def resize_center_crop(img, resolution):
@@ -103,38 +103,38 @@ def decode_image(data, resolution, max_pixels):
         img = Image.open(io.BytesIO(data))
         w, h = img.size
     except Image.DecompressionBombError:
-        raise Skip('oversized_image')
+        raise Skip("oversized_image")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise Skip('corrupt_image')
+        raise Skip("corrupt_image")
     if w * h > max_pixels:
-        raise Skip('oversized_image')
+        raise Skip("oversized_image")
     try:
-        if img.format == 'JPEG':
-            img.draft('RGB', (resolution, resolution))  # decode at the smallest DCT scale >= the target
+        if img.format == "JPEG":
+            img.draft("RGB", (resolution, resolution))  # decode at the smallest DCT scale >= the target
         img.load()
         return resize_center_crop(to_rgb(img), resolution)
     except Exception:  # a damaged file fails in many ways inside the decoders (OSError, struct.error, ...)
-        raise Skip('corrupt_image')
+        raise Skip("corrupt_image")
 
 
 def decode_caption(sample):
     """The caption of a raw sample (txt member, or a json's 'caption'), as clean str, or Skip."""
     raw = next((sample[e] for e in TEXT_EXTS if e in sample), None)
-    if raw is None and 'json' in sample:
+    if raw is None and "json" in sample:
         try:
-            raw = json.loads(sample['json']).get('caption')
+            raw = json.loads(sample["json"]).get("caption")
         except (ValueError, AttributeError):
             raw = None
     if raw is None:
-        raise Skip('missing_caption')
+        raise Skip("missing_caption")
     if isinstance(raw, bytes):
         try:
-            raw = raw.decode('utf-8')
+            raw = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise Skip('bad_caption_encoding')
-    text = ' '.join(str(raw).split())
+            raise Skip("bad_caption_encoding")
+    text = " ".join(str(raw).split())
     if not text:
-        raise Skip('empty_caption')
+        raise Skip("empty_caption")
     return text
 
 
@@ -142,16 +142,16 @@ def decode_caption(sample):
 
 def expand_braces(pattern):
     """'a{00000..00002}.tar' -> ['a00000.tar', 'a00001.tar', 'a00002.tar']; also '{a,b}'."""
-    m = re.search(r'\{([^{}]*)\}', pattern)
+    m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
     head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
-    rng = re.fullmatch(r'(\d+)\.\.(\d+)', body)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = rng.groups()
         parts = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
     else:
-        parts = body.split(',')
+        parts = body.split(",")
     return [p for part in parts for p in expand_braces(head + part + tail)]
 
 
@@ -159,22 +159,22 @@ def tar_shards(spec, split=None):
     """Tar files named by a directory, a glob, a brace pattern or one file. When the names carry a
     split (Hugging Face: cc3m-train-0000.tar, cc3m-validation-0000.tar), only `split`'s."""
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, '*.tar')) + glob.glob(os.path.join(spec, '*.tar.gz')))
-    elif '{' in spec:
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")) + glob.glob(os.path.join(spec, "*.tar.gz")))
+    elif "{" in spec:
         paths = [p for p in expand_braces(spec) if os.path.exists(p)]
-    elif any(c in spec for c in '*?['):
+    elif any(c in spec for c in "*?["):
         paths = sorted(glob.glob(spec))
     else:
         paths = [spec] if os.path.isfile(spec) else []
     if not paths:
-        raise FileNotFoundError(f'no .tar shards at {spec}; see {README} for the expected layout')
+        raise FileNotFoundError(f"no .tar shards at {spec}; see {README} for the expected layout")
     if split is not None:
         names = [os.path.basename(p).lower() for p in paths]
-        tags = ('train',) if split == 'train' else ('valid', 'val', 'test')
+        tags = ("train",) if split == "train" else ("valid", "val", "test")
         chosen = [p for p, n in zip(paths, names) if any(t in n for t in tags)]
-        if any(t in n for n in names for t in ('train', 'valid', 'val', 'test')):
+        if any(t in n for n in names for t in ("train", "valid", "val", "test")):
             if not chosen:
-                raise FileNotFoundError(f'no {split} shards among {len(paths)} at {spec}')
+                raise FileNotFoundError(f"no {split} shards among {len(paths)} at {spec}")
             paths = chosen
     return paths
 
@@ -182,9 +182,9 @@ def tar_shards(spec, split=None):
 def _split_name(name):
     """WebDataset key / extension: 'dir/000123.jpg' -> ('dir/000123', 'jpg'); 'a.seg.png' -> ('a', 'seg.png')."""
     d, base = os.path.split(name)
-    if '.' not in base:
+    if "." not in base:
         return None, None
-    stem, ext = base.split('.', 1)
+    stem, ext = base.split(".", 1)
     return os.path.join(d, stem), ext.lower()
 
 
@@ -193,45 +193,45 @@ def iter_tar(path, max_bytes):
     shard ends with {'__error__': 'truncated_shard'} after the samples read before the damage."""
     cur = {}
     try:
-        with open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r|*') as tf:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
                 key, ext = _split_name(m.name)
                 if key is None:
                     continue
-                if cur and key != cur['__key__']:
+                if cur and key != cur["__key__"]:
                     yield cur
                     cur = {}
-                cur['__key__'] = key
+                cur["__key__"] = key
                 if m.size > max_bytes:
-                    cur['__error__'] = 'oversized_member'  # not read: the stream skips its bytes
+                    cur["__error__"] = "oversized_member"  # not read: the stream skips its bytes
                     continue
                 cur[ext] = tf.extractfile(m).read()
             # a whole tar ends with zero blocks; one cut at a member boundary just stops: not a clean end
-            if tf.fileobj.comptype == 'tar' and tf.offset + tarfile.BLOCKSIZE > os.fstat(f.fileno()).st_size:
-                raise tarfile.ReadError('no end-of-archive block')
+            if tf.fileobj.comptype == "tar" and tf.offset + tarfile.BLOCKSIZE > os.fstat(f.fileno()).st_size:
+                raise tarfile.ReadError("no end-of-archive block")
         if cur:
             yield cur
     except FileNotFoundError:  # deleted or unmounted since the shard list was made
-        yield {'__key__': None, '__error__': 'missing_shard'}
+        yield {"__key__": None, "__error__": "missing_shard"}
     except (tarfile.TarError, EOFError, OSError, zlib.error):
-        yield {'__key__': None, '__error__': 'truncated_shard'}
+        yield {"__key__": None, "__error__": "truncated_shard"}
 
 
 def files_shards(root):
     """img2dataset files layout: the sub-directories of root holding images (or root itself)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'{root} is not a directory; see {README}')
+        raise FileNotFoundError(f"{root} is not a directory; see {README}")
     subdirs = sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     shards = [d for d in [root] + subdirs if _has_images(d)]
     if not shards:
-        raise FileNotFoundError(f'no images (KEY.jpg + KEY.txt) in {root} or its sub-directories; see {README}')
+        raise FileNotFoundError(f"no images (KEY.jpg + KEY.txt) in {root} or its sub-directories; see {README}")
     return shards
 
 
 def _has_images(d):
-    return any(n.rsplit('.', 1)[-1].lower() in IMAGE_EXTS for n in os.listdir(d))
+    return any(n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in os.listdir(d))
 
 
 def iter_dir(path, max_bytes):
@@ -240,7 +240,7 @@ def iter_dir(path, max_bytes):
     try:
         names = sorted(os.listdir(path))
     except OSError:  # deleted or unmounted since the shard list was made
-        yield {'__key__': None, '__error__': 'missing_shard'}
+        yield {"__key__": None, "__error__": "missing_shard"}
         return
     for name in names:
         full = os.path.join(path, name)
@@ -248,35 +248,35 @@ def iter_dir(path, max_bytes):
         if key is not None and os.path.isfile(full):
             groups.setdefault(key, {})[ext] = full
     for key, members in groups.items():
-        sample = {'__key__': key}
+        sample = {"__key__": key}
         for ext, full in members.items():
-            if ext not in IMAGE_EXTS + TEXT_EXTS + ('json',):
+            if ext not in IMAGE_EXTS + TEXT_EXTS + ("json",):
                 continue
             try:
                 if os.path.getsize(full) > max_bytes:
-                    sample['__error__'] = 'oversized_member'
+                    sample["__error__"] = "oversized_member"
                     continue
-                with open(full, 'rb') as f:
+                with open(full, "rb") as f:
                     sample[ext] = f.read()
             except OSError:  # deleted since listed: the sample is skipped as incomplete
-                sample['__error__'] = 'missing_file'
+                sample["__error__"] = "missing_file"
         yield sample
 
 
 def read_table(path):
     """[(image_path, caption)] of a TSV/CSV of local images; URL-only lists raise ValueError."""
-    delim = ',' if path.lower().endswith('.csv') else '\t'
-    with open(path, newline='', encoding='utf-8', errors='replace') as f:
+    delim = "," if path.lower().endswith(".csv") else "\t"
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         rows = [r for r in csv.reader(f, delimiter=delim) if r]
     if not rows:
-        raise ValueError(f'{path} is empty')
+        raise ValueError(f"{path} is empty")
     base = os.path.dirname(os.path.abspath(path))
     header = [c.strip().lower() for c in rows[0]]
     pcol = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
     ccol = next((header.index(c) for c in CAPTION_COLUMNS if c in header), None)
     if pcol is not None and ccol is not None:
         rows = rows[1:]
-    elif 'url' in header or any(URL_RE.match(c) for c in rows[0]):
+    elif "url" in header or any(URL_RE.match(c) for c in rows[0]):
         raise _no_images(path)
     else:  # no header: the column whose values are files on disk holds the paths
         first = rows[0]
@@ -284,29 +284,29 @@ def read_table(path):
         if not exists:
             if any(URL_RE.match(c) for r in rows[:10] for c in r):
                 raise _no_images(path)
-            raise ValueError(f'{path}: no column holds the path of an existing image (first row {first}); '
-                             f'expected columns like filepath<TAB>caption, see {README}')
+            raise ValueError(f"{path}: no column holds the path of an existing image (first row {first}); "
+                             f"expected columns like filepath<TAB>caption, see {README}")
         pcol = exists[0]
         ccol = next(i for i in range(len(first)) if i != pcol)
     if all(URL_RE.match(r[pcol]) for r in rows[:10] if len(r) > pcol):
         raise _no_images(path)
-    return [(os.path.join(base, r[pcol].strip()), r[ccol] if len(r) > ccol else '') for r in rows if len(r) > pcol]
+    return [(os.path.join(base, r[pcol].strip()), r[ccol] if len(r) > ccol else "") for r in rows if len(r) > pcol]
 
 
 def read_coco(root, split):
     """[(image_path, [captions])] from COCO's captions JSON."""
-    year_split = 'train2017' if split == 'train' else 'val2017'
-    ann = os.path.join(root, 'annotations', f'captions_{year_split}.json')
+    year_split = "train2017" if split == "train" else "val2017"
+    ann = os.path.join(root, "annotations", f"captions_{year_split}.json")
     if not os.path.isfile(ann):
-        raise FileNotFoundError(f'{ann} not found: --dataset coco expects DIR/annotations/captions_{year_split}.json '
-                                f'and DIR/{year_split}/ (see {README})')
-    with open(ann, encoding='utf-8') as f:
+        raise FileNotFoundError(f"{ann} not found: --dataset coco expects DIR/annotations/captions_{year_split}.json "
+                                f"and DIR/{year_split}/ (see {README})")
+    with open(ann, encoding="utf-8") as f:
         coco = json.load(f)
     caps = {}
-    for a in coco['annotations']:
-        caps.setdefault(a['image_id'], []).append(a['caption'])
-    return [(os.path.join(root, year_split, im['file_name']), caps.get(im['id'], []))
-            for im in sorted(coco['images'], key=lambda im: im['id'])]
+    for a in coco["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    return [(os.path.join(root, year_split, im["file_name"]), caps.get(im["id"], []))
+            for im in sorted(coco["images"], key=lambda im: im["id"])]
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -340,7 +340,7 @@ class ImageTextDataset(IterableDataset):
         self.items, self.read, self.name = items, read, name
         self.warned = 0
         self.resolution, self.seed = resolution, seed
-        self.shares = shares or {'t2i': 0.8, 'caption': 0.2}
+        self.shares = shares or {"t2i": 0.8, "caption": 0.2}
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.epochs = shuffle, shuffle_buffer, epochs
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
@@ -358,10 +358,10 @@ class ImageTextDataset(IterableDataset):
         for k in self.my_items(epoch, unit, units):
             skipped = Counter()
             for sample in self.read(self.items[k], self.max_bytes):
-                if '__error__' in sample:
-                    skipped[sample['__error__']] += 1
+                if "__error__" in sample:
+                    skipped[sample["__error__"]] += 1
                 else:
-                    sample['__item__'] = k
+                    sample["__item__"] = k
                     yield sample
             self._count(k, skipped)
 
@@ -371,29 +371,29 @@ class ImageTextDataset(IterableDataset):
         self.stats.update(skipped)
         self.warned += 1
         if self.warned <= self.max_warnings:
-            more = '; further skips are only counted in dataset.stats' if self.warned == self.max_warnings else ''
-            warnings.warn(f'{self.name(k)}: skipped {sum(skipped.values())} sample(s) '
+            more = "; further skips are only counted in dataset.stats" if self.warned == self.max_warnings else ""
+            warnings.warn(f"{self.name(k)}: skipped {sum(skipped.values())} sample(s) "
                           f'({", ".join(f"{r} {n}" for r, n in sorted(skipped.items()))}){more}', DataWarning, stacklevel=3)
 
     def example(self, sample, rng):
         """Raw sample -> example dict, or Skip."""
-        if 'captions' in sample:
-            caps = sample.pop('captions')
-            sample['txt'] = caps[int(rng.integers(len(caps)))] if caps else ''
+        if "captions" in sample:
+            caps = sample.pop("captions")
+            sample["txt"] = caps[int(rng.integers(len(caps)))] if caps else ""
         text = decode_caption(sample)
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if data is None:
-            raise Skip('missing_image')
+            raise Skip("missing_image")
         img = decode_image(data, self.resolution, self.max_pixels)
-        if pick_task(self.shares, rng) == 't2i':
-            return make_example('t2i', self.resolution, output_image=img, prompt=text)
-        return make_example('caption', self.resolution, input_image=img, answer=text)
+        if pick_task(self.shares, rng) == "t2i":
+            return make_example("t2i", self.resolution, output_image=img, prompt=text)
+        return make_example("caption", self.resolution, input_image=img, answer=text)
 
     def __iter__(self):
         unit, units = worker_unit(self.rank, self.world_size)
         if unit >= len(self.items):
-            warnings.warn(f'{len(self.items)} shard(s) for {units} ranks x workers: unit {unit} has no data; '
-                          f'use fewer DataLoader workers or more shards', DataWarning)
+            warnings.warn(f"{len(self.items)} shard(s) for {units} ranks x workers: unit {unit} has no data; "
+                          f"use fewer DataLoader workers or more shards", DataWarning)
             return
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
@@ -406,16 +406,16 @@ class ImageTextDataset(IterableDataset):
                 try:
                     ex = self.example(sample, rng)
                 except Skip as e:
-                    self._count(sample['__item__'], Counter([e.args[0]]))
+                    self._count(sample["__item__"], Counter([e.args[0]]))
                     continue
-                self.stats['samples'] += 1
+                self.stats["samples"] += 1
                 n += 1
                 yield ex
             if n == 0:  # every sample bad: stop with one sentence rather than spin over the data forever
                 mine = self.my_items(epoch, unit, units)
-                raise ValueError(f'no readable sample in {len(mine)} item(s) starting with {self.name(mine[0])}: '
+                raise ValueError(f"no readable sample in {len(mine)} item(s) starting with {self.name(mine[0])}: "
                                  f'all were skipped ({", ".join(f"{r} {c}" for r, c in sorted(self.stats.items()))}); '
-                                 f'check the data (see {README})')
+                                 f"check the data (see {README})")
             epoch += 1
 
     def captions(self, n):
@@ -423,7 +423,7 @@ class ImageTextDataset(IterableDataset):
         out = []
         for k in range(len(self.items)):
             for sample in self.read(self.items[k], self.max_bytes):
-                for caps in sample.pop('captions', None) or [None]:
+                for caps in sample.pop("captions", None) or [None]:
                     try:
                         out.append(decode_caption(dict(sample, txt=caps) if caps else sample))
                     except Skip:
@@ -437,81 +437,81 @@ def _read_record(record, max_bytes):
     """A list source's item: (image_path, caption or [captions]) -> one raw sample."""
     path, caption = record
     # COCO lists all of an image's captions: example() draws one with the stream's rng
-    sample = {'__key__': path, 'captions' if isinstance(caption, list) else 'txt': caption}
+    sample = {"__key__": path, "captions" if isinstance(caption, list) else "txt": caption}
     try:
         if os.path.getsize(path) > max_bytes:
-            return [{'__key__': path, '__error__': 'oversized_member'}]
-        with open(path, 'rb') as f:
-            sample['jpg'] = f.read()
+            return [{"__key__": path, "__error__": "oversized_member"}]
+        with open(path, "rb") as f:
+            sample["jpg"] = f.read()
     except OSError:  # missing, or deleted since the list was read
-        return [{'__key__': path, '__error__': 'missing_image'}]
+        return [{"__key__": path, "__error__": "missing_image"}]
     return [sample]
 
 
 def _record_label(source, items, k):
-    return f'{source} record {k + 1} ({items[k][0]})'
+    return f"{source} record {k + 1} ({items[k][0]})"
 
 
 def detect_layout(path):
     """'wds', 'files' or 'tsv' for what a cc3m / cc12m data_dir holds."""
     if os.path.isfile(path):
-        return 'wds' if path.endswith(('.tar', '.tar.gz')) else 'tsv'
+        return "wds" if path.endswith((".tar", ".tar.gz")) else "tsv"
     if not os.path.isdir(path):
-        return 'wds'  # a glob or brace pattern
+        return "wds"  # a glob or brace pattern
     names = os.listdir(path)
-    if any(n.endswith(('.tar', '.tar.gz')) for n in names):
-        return 'wds'
+    if any(n.endswith((".tar", ".tar.gz")) for n in names):
+        return "wds"
     if any(os.path.isdir(os.path.join(path, n)) and _has_images(os.path.join(path, n)) for n in names) \
             or _has_images(path):
-        return 'files'
-    if any(n.lower().endswith(('.tsv', '.csv')) for n in names):
-        return 'tsv'
-    raise FileNotFoundError(f'{path} holds no .tar shards, image folders or TSV of image paths; see {README}')
+        return "files"
+    if any(n.lower().endswith((".tsv", ".csv")) for n in names):
+        return "tsv"
+    raise FileNotFoundError(f"{path} holds no .tar shards, image folders or TSV of image paths; see {README}")
 
 
 def _table_file(path):
     if os.path.isfile(path):
         return path
-    tables = sorted(n for n in os.listdir(path) if n.lower().endswith(('.tsv', '.csv')))
+    tables = sorted(n for n in os.listdir(path) if n.lower().endswith((".tsv", ".csv")))
     if not tables:
-        raise FileNotFoundError(f'no .tsv or .csv file in {path}; see {README}')
+        raise FileNotFoundError(f"no .tsv or .csv file in {path}; see {README}")
     return os.path.join(path, tables[0])
 
 
-def build_imagetext(name, data_dir, split='train', resolution=256, seed=0, shares=None, rank=0, world_size=1,
+def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, shares=None, rank=0, world_size=1,
                     **kwargs):
     """The dataset for --dataset NAME --data_dir DIR. kwargs: shuffle, shuffle_buffer, epochs,
     max_pixels, max_bytes (see ImageTextDataset)."""
     if not data_dir:
-        raise ValueError(f'--dataset {name} needs --data_dir: the folder of downloaded images and captions '
-                         f'(CC3M/CC12M/COCO are not bundled; {README} says how to download them)')
-    is_pattern = any(c in data_dir for c in '*?[{')
+        raise ValueError(f"--dataset {name} needs --data_dir: the folder of downloaded images and captions "
+                         f"(CC3M/CC12M/COCO are not bundled; {README} says how to download them)")
+    is_pattern = any(c in data_dir for c in "*?[{")
     if not is_pattern and not os.path.exists(data_dir):
-        raise FileNotFoundError(f'--data_dir {data_dir} does not exist; {README} says how to download {name}')
+        raise FileNotFoundError(f"--data_dir {data_dir} does not exist; {README} says how to download {name}")
     layout = name
-    if name in ('cc3m', 'cc12m'):
-        layout = 'wds' if is_pattern else detect_layout(data_dir)
-    train = split == 'train'
-    kwargs.setdefault('shuffle', train)
-    kwargs.setdefault('epochs', None if train else 1)
-    if layout == 'wds':
-        items = tar_shards(data_dir, split if name in ('cc3m', 'cc12m') else None)
+    if name in ("cc3m", "cc12m"):
+        layout = "wds" if is_pattern else detect_layout(data_dir)
+    train = split == "train"
+    kwargs.setdefault("shuffle", train)
+    kwargs.setdefault("epochs", None if train else 1)
+    if layout == "wds":
+        items = tar_shards(data_dir, split if name in ("cc3m", "cc12m") else None)
         read, label = iter_tar, items.__getitem__
-    elif layout == 'files':
+    elif layout == "files":
         items = files_shards(data_dir)
         read, label = iter_dir, items.__getitem__
-    elif layout == 'tsv':
+    elif layout == "tsv":
         table = _table_file(data_dir)
         items, read = read_table(table), _read_record
         label = functools.partial(_record_label, table, items)
-    elif layout == 'coco':
+    elif layout == "coco":
         items, read = read_coco(data_dir, split), _read_record
-        label = functools.partial(_record_label, os.path.join(data_dir, 'annotations'), items)
+        label = functools.partial(_record_label, os.path.join(data_dir, "annotations"), items)
     else:
-        raise ValueError(f'unknown image-text dataset {name!r}')
+        raise ValueError(f"unknown image-text dataset {name!r}")
     return ImageTextDataset(items, read, label, resolution, seed, shares, rank, world_size, **kwargs)
 
 
 def caption_corpus(name, data_dir, n=2000, seed=0):
     """The first n captions of a real dataset (for the word vocabulary)."""
-    return build_imagetext(name, data_dir, 'train', seed=seed, shuffle=False).captions(n)
+    return build_imagetext(name, data_dir, "train", seed=seed, shuffle=False).captions(n)

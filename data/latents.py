@@ -25,15 +25,15 @@ import torch
 from .imagetext import README, IMAGE_EXTS, ImageTextDataset, Skip, build_imagetext, decode_caption, decode_image
 from . import pick_task
 
-ENCODE = 'python vae.py --encode --vae VAE --dataset NAME --data_dir DIR --resolution R --out_dir LATENT_DIR'
+ENCODE = "python vae.py --encode --vae VAE --dataset NAME --data_dir DIR --resolution R --out_dir LATENT_DIR"
 
 
 def read_meta(latent_dir):
     """meta.json of a latent folder, or FileNotFoundError saying how to make one."""
-    path = os.path.join(latent_dir or '', 'meta.json')
+    path = os.path.join(latent_dir or "", "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f'--data_dir {latent_dir} holds no meta.json of pre-encoded latents: '
-                                f'make them with `{ENCODE}`')
+        raise FileNotFoundError(f"--data_dir {latent_dir} holds no meta.json of pre-encoded latents: "
+                                f"make them with `{ENCODE}`")
     with open(path) as f:
         return json.load(f)
 
@@ -41,53 +41,53 @@ def read_meta(latent_dir):
 def _read_shard(path, max_bytes=None):
     """A latent shard -> raw samples {'__key__', 'latent', 'image', 'txt' or 'captions'}."""
     try:
-        shard = torch.load(path, map_location='cpu', weights_only=True)
-        lat, img, caps, keys = shard['latents'], shard['images'], shard['captions'], shard['keys']
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+        lat, img, caps, keys = shard["latents"], shard["images"], shard["captions"], shard["keys"]
     except FileNotFoundError:
-        return [{'__key__': path, '__error__': 'missing_shard'}]
+        return [{"__key__": path, "__error__": "missing_shard"}]
     except Exception:  # torn or foreign file
-        return [{'__key__': path, '__error__': 'truncated_shard'}]
-    return [{'__key__': k, 'latent': lat[i], 'image': img[i], 'captions' if isinstance(c, list) else 'txt': c}
+        return [{"__key__": path, "__error__": "truncated_shard"}]
+    return [{"__key__": k, "latent": lat[i], "image": img[i], "captions" if isinstance(c, list) else "txt": c}
             for i, (k, c) in enumerate(zip(keys, caps))]
 
 
 class LatentDataset(ImageTextDataset):
     """Examples from the shards of a latent folder (see the module docstring)."""
 
-    def __init__(self, latent_dir, split='train', resolution=None, seed=0, shares=None, rank=0, world_size=1,
+    def __init__(self, latent_dir, split="train", resolution=None, seed=0, shares=None, rank=0, world_size=1,
                  **kwargs):
         self.meta = read_meta(latent_dir)
-        if resolution and resolution != self.meta['resolution']:
+        if resolution and resolution != self.meta["resolution"]:
             raise ValueError(f"the latents in {latent_dir} were encoded from {self.meta['resolution']} px images, "
                              f"not {resolution}: drop --resolution, or encode again at {resolution}")
-        items = sorted(glob.glob(os.path.join(latent_dir, f'{split}-*.pt')))
+        items = sorted(glob.glob(os.path.join(latent_dir, f"{split}-*.pt")))
         if not items:
-            raise FileNotFoundError(f'no {split}-*.pt shards in {latent_dir}: make them with `{ENCODE} --split {split}`')
-        kwargs.setdefault('shuffle', split == 'train')
-        kwargs.setdefault('epochs', None if split == 'train' else 1)
-        super().__init__(items, _read_shard, items.__getitem__, self.meta['resolution'], seed, shares, rank,
+            raise FileNotFoundError(f"no {split}-*.pt shards in {latent_dir}: make them with `{ENCODE} --split {split}`")
+        kwargs.setdefault("shuffle", split == "train")
+        kwargs.setdefault("epochs", None if split == "train" else 1)
+        super().__init__(items, _read_shard, items.__getitem__, self.meta["resolution"], seed, shares, rank,
                          world_size, **kwargs)
-        self.zero_latent = torch.zeros(self.meta['latent_shape'])
+        self.zero_latent = torch.zeros(self.meta["latent_shape"])
 
     def example(self, sample, rng):
         """Same draws from rng as ImageTextDataset.example: a caption of a list, then the task."""
-        text = sample['captions'][int(rng.integers(len(sample['captions'])))] if 'captions' in sample \
-            else sample['txt']
+        text = sample["captions"][int(rng.integers(len(sample["captions"])))] if "captions" in sample \
+            else sample["txt"]
         R = self.resolution
         zeros = torch.zeros(3, R, R)
-        if pick_task(self.shares, rng) == 't2i':
-            return {'task': 't2i', 'input_image': zeros, 'output_image': zeros.clone(),
-                    'output_latent': sample['latent'].float(), 'prompt': text, 'answer': ''}
-        image = sample['image'].float().div_(127.5).sub_(1.0)          # as data.to_tensor
-        return {'task': 'caption', 'input_image': image, 'output_image': zeros,
-                'output_latent': self.zero_latent.clone(), 'prompt': '', 'answer': text}
+        if pick_task(self.shares, rng) == "t2i":
+            return {"task": "t2i", "input_image": zeros, "output_image": zeros.clone(),
+                    "output_latent": sample["latent"].float(), "prompt": text, "answer": ""}
+        image = sample["image"].float().div_(127.5).sub_(1.0)          # as data.to_tensor
+        return {"task": "caption", "input_image": image, "output_image": zeros,
+                "output_latent": self.zero_latent.clone(), "prompt": "", "answer": text}
 
     def captions(self, n):
         out = []
         for item in self.items:
             for s in _read_shard(item):
-                if '__error__' not in s:
-                    out.extend(s['captions'] if 'captions' in s else [s['txt']])
+                if "__error__" not in s:
+                    out.extend(s["captions"] if "captions" in s else [s["txt"]])
             if len(out) >= n:
                 break
         return out[:n]
@@ -98,55 +98,55 @@ def _source_samples(ds):
     order; the others are counted in ds.stats."""
     for sample in ds.raw_samples(0, 0, 1):
         try:
-            if 'captions' in sample:
-                caps = [decode_caption(dict(sample, txt=c)) for c in sample['captions']]
+            if "captions" in sample:
+                caps = [decode_caption(dict(sample, txt=c)) for c in sample["captions"]]
                 if not caps:
-                    raise Skip('missing_caption')
+                    raise Skip("missing_caption")
             else:
                 caps = decode_caption(sample)
             data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             if data is None:
-                raise Skip('missing_image')
+                raise Skip("missing_image")
             img = decode_image(data, ds.resolution, ds.max_pixels)
         except Skip as e:
             ds.stats[e.args[0]] += 1
             continue
-        yield sample['__key__'], caps, torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        yield sample["__key__"], caps, torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()
-def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split='train', resolution=256, batch_size=64,
-                   shard_size=2000, dtype=torch.float16, device='cpu', log=print):
+def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolution=256, batch_size=64,
+                   shard_size=2000, dtype=torch.float16, device="cpu", log=print):
     """Encode every image of `name` at `data_dir` once into out_dir/{split}-*.pt + meta.json (merged with
     other splits' entries). Returns the number of samples written."""
     if resolution % vae.downsample:
-        raise ValueError(f'--resolution {resolution} is not a multiple of the VAE downsampling {vae.downsample}')
-    meta_path = os.path.join(out_dir, 'meta.json')
+        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE downsampling {vae.downsample}")
+    meta_path = os.path.join(out_dir, "meta.json")
     meta = read_meta(out_dir) if os.path.exists(meta_path) else {}
-    if meta and (meta['vae'], meta['resolution']) != (vae_spec, resolution):
+    if meta and (meta["vae"], meta["resolution"]) != (vae_spec, resolution):
         raise ValueError(f'{out_dir} holds latents of another VAE or resolution ({meta["vae"]}, {meta["resolution"]} '
-                         f'px): use a new --out_dir')
+                         f"px): use a new --out_dir")
     source = build_imagetext(name, data_dir, split, resolution, shuffle=False, epochs=1)
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, f'{split}-*.pt')):   # a re-encode replaces the split
+    for old in glob.glob(os.path.join(out_dir, f"{split}-*.pt")):   # a re-encode replaces the split
         os.remove(old)
     shard, batch, n, k = dict(latents=[], images=[], captions=[], keys=[]), [], 0, 0
 
     def flush_batch():
         images = torch.stack([b[2] for b in batch])
-        lat = vae.encode(images.to(device).float().div_(127.5).sub_(1.0)).to('cpu', dtype)
-        shard['latents'].append(lat)
-        shard['images'].append(images)
-        shard['captions'] += [b[1] for b in batch]
-        shard['keys'] += [b[0] for b in batch]
+        lat = vae.encode(images.to(device).float().div_(127.5).sub_(1.0)).to("cpu", dtype)
+        shard["latents"].append(lat)
+        shard["images"].append(images)
+        shard["captions"] += [b[1] for b in batch]
+        shard["keys"] += [b[0] for b in batch]
         batch.clear()
 
     def write_shard():
         nonlocal k
-        path = os.path.join(out_dir, f'{split}-{k:05d}.pt')
-        torch.save({key: torch.cat(v) if key in ('latents', 'images') else v for key, v in shard.items()},
-                   path + '.tmp')
-        os.replace(path + '.tmp', path)
+        path = os.path.join(out_dir, f"{split}-{k:05d}.pt")
+        torch.save({key: torch.cat(v) if key in ("latents", "images") else v for key, v in shard.items()},
+                   path + ".tmp")
+        os.replace(path + ".tmp", path)
         log(f'{path}: {len(shard["keys"])} samples ({n} so far)')
         for v in shard.values():
             v.clear()
@@ -155,22 +155,22 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split='train', resolu
     for sample in _source_samples(source):
         batch.append(sample)
         n += 1
-        if len(batch) == batch_size or len(shard['keys']) + len(batch) == shard_size:
+        if len(batch) == batch_size or len(shard["keys"]) + len(batch) == shard_size:
             flush_batch()
-        if len(shard['keys']) == shard_size:
+        if len(shard["keys"]) == shard_size:
             write_shard()
     if batch:
         flush_batch()
-    if shard['keys']:
+    if shard["keys"]:
         write_shard()
     if n == 0:
-        raise ValueError(f'no readable sample in {name} at {data_dir} ({split}); see {README}')
+        raise ValueError(f"no readable sample in {name} at {data_dir} ({split}); see {README}")
     h = resolution // vae.downsample
     meta.update(vae=vae_spec, resolution=resolution, latent_shape=[vae.latent_channels, h, h],
-                dtype=str(dtype).replace('torch.', ''), scale_factor=vae.scale_factor, source=name)
-    meta.setdefault('splits', {})[split] = dict(data_dir=data_dir, shards=k, samples=n,
-                                                skipped={r: c for r, c in source.stats.items() if r != 'samples'})
-    with open(meta_path + '.tmp', 'w') as f:
+                dtype=str(dtype).replace("torch.", ""), scale_factor=vae.scale_factor, source=name)
+    meta.setdefault("splits", {})[split] = dict(data_dir=data_dir, shards=k, samples=n,
+                                                skipped={r: c for r, c in source.stats.items() if r != "samples"})
+    with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)
+    os.replace(meta_path + ".tmp", meta_path)
     return n

@@ -31,20 +31,20 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------- vocabulary
 
 # six hues 60 degrees apart (HSV S=0.85, V=0.9: equal chroma), so a hue error up to 30 deg is tolerated
-HUES = {'red': 0, 'yellow': 60, 'green': 120, 'cyan': 180, 'blue': 240, 'purple': 300}
+HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "purple": 300}
 PALETTE = {c: tuple(round(255 * v) for v in colorsys.hsv_to_rgb(h / 360, 0.85, 0.9)) for c, h in HUES.items()}
 COLORS = tuple(HUES)
-SHAPES = ('circle', 'square', 'triangle')
+SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (128, 128, 128)  # mid grey: achromatic (keeps hues under blending) and zero in [-1, 1]
 # side of the bounding box as a fraction of the canvas: 10 px / 16 px at the 32 px quickstart
-SIZES = {'small': 0.3125, 'large': 0.5}
-RELATIONS = ('left of', 'right of', 'above', 'below')
-NUMBERS = ('zero', 'one', 'two', 'three', 'four')
-DIRECTIONS = ('left', 'right', 'top', 'bottom')  # edit: move an object against that edge
-TASKS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')  # GenEval's names
+SIZES = {"small": 0.3125, "large": 0.5}
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBERS = ("zero", "one", "two", "three", "four")
+DIRECTIONS = ("left", "right", "top", "bottom")  # edit: move an object against that edge
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's names
 # (colour, shape) combinations that never occur in the training split: eval reports them separately
-HELDOUT_PAIRS = (('red', 'triangle'), ('green', 'circle'), ('blue', 'square'))
-SPLITS = {'train': 0, 'val': 1, 'test': 2}
+HELDOUT_PAIRS = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
+SPLITS = {"train": 0, "val": 1, "test": 2}
 
 GAP = 0.08       # minimum empty space between two objects' boxes (2.6 px at 32 px)
 BORDER = 0.03    # minimum margin to the canvas edge
@@ -53,12 +53,12 @@ SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges that are l
 
 
 def _plural(shape):
-    return shape + 's'
+    return shape + "s"
 
 
 WORDS = sorted(set(
-    'a and the of is are there what color shape size how many where relative to object objects yes no '
-    'make move add remove left right top bottom above below'.split())
+    "a and the of is are there what color shape size how many where relative to object objects yes no "
+    "make move add remove left right top bottom above below".split())
     | set(COLORS) | set(SHAPES) | {_plural(s) for s in SHAPES} | set(SIZES) | set(NUMBERS))
 
 
@@ -95,7 +95,7 @@ def rng_for(seed, split, index):
 
 def allowed_pairs(split):
     pairs = [(c, s) for c in COLORS for s in SHAPES]
-    return [p for p in pairs if p not in HELDOUT_PAIRS] if split == 'train' else pairs
+    return [p for p in pairs if p not in HELDOUT_PAIRS] if split == "train" else pairs
 
 
 def _separated(a, b, gap=GAP):
@@ -108,8 +108,8 @@ def relation(a, b):
     """Where a is relative to b, by the dominant axis of their centres (y grows downwards)."""
     dx, dy = a.x - b.x, a.y - b.y
     if abs(dx) >= abs(dy):
-        return 'left of' if dx < 0 else 'right of'
-    return 'above' if dy < 0 else 'below'
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
 
 
 def clear_relation(a, b):
@@ -136,7 +136,7 @@ def _place(rng, size, others, tries=256, clear=False):
     return (float(xy[k[0], 0]), float(xy[k[0], 1])) if len(k) else None
 
 
-def random_scene(rng, split='train', resolution=32, max_objects=None, n_objects=None, pairs=None):
+def random_scene(rng, split="train", resolution=32, max_objects=None, n_objects=None, pairs=None):
     """1..max_objects non-touching objects; a 2-object scene always has a clear relation.
 
     pairs: the (colour, shape) pairs to draw from (default: all pairs allowed in `split`).
@@ -149,29 +149,29 @@ def random_scene(rng, split='train', resolution=32, max_objects=None, n_objects=
         objs = []
         for _ in range(n):
             color, shape = pairs[rng.integers(len(pairs))]
-            size = ('small', 'large')[rng.integers(2)]
+            size = ("small", "large")[rng.integers(2)]
             pos = _place(rng, size, objs, clear=n == 2)
-            if pos is None and size == 'large':  # no room for a large one: try a small one
-                size, pos = 'small', _place(rng, 'small', objs, clear=n == 2)
+            if pos is None and size == "large":  # no room for a large one: try a small one
+                size, pos = "small", _place(rng, "small", objs, clear=n == 2)
             if pos is None:
                 break
             objs.append(Obj(shape, color, size, *pos))
         if len(objs) == n and (n != 2 or clear_relation(*objs)):
             return Scene(tuple(objs))
-    raise RuntimeError(f'could not place {n} objects; lower max_objects for this resolution')
+    raise RuntimeError(f"could not place {n} objects; lower max_objects for this resolution")
 
 
 def render(scene, resolution=32):
     """PIL RGB image of the scene: shapes drawn at 4x and box-filtered down (anti-aliased)."""
     big = resolution * SUPERSAMPLE
-    img = Image.new('RGB', (big, big), BACKGROUND)
+    img = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         half = o.side * big / 2
         x0, y0, x1, y1 = o.x * big - half, o.y * big - half, o.x * big + half, o.y * big + half
-        if o.shape == 'circle':
+        if o.shape == "circle":
             draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=PALETTE[o.color])
-        elif o.shape == 'square':
+        elif o.shape == "square":
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=PALETTE[o.color])
         else:  # upright isosceles triangle filling its box
             draw.polygon([(o.x * big, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=PALETTE[o.color])
@@ -182,7 +182,7 @@ def render(scene, resolution=32):
 
 def _phrase(o, size=True, color=True):
     words = ([o.size] if size else []) + ([o.color] if color else []) + [o.shape]
-    return ' '.join(words)
+    return " ".join(words)
 
 
 def caption(scene):
@@ -191,24 +191,24 @@ def caption(scene):
     objs = list(scene.objects)
     if len(objs) == 2:
         a, b = objs
-        if relation(a, b) in ('right of', 'below'):
+        if relation(a, b) in ("right of", "below"):
             a, b = b, a
-        return f'a {_phrase(a)} {relation(a, b)} a {_phrase(b)}'
+        return f"a {_phrase(a)} {relation(a, b)} a {_phrase(b)}"
     objs.sort(key=lambda o: (o.x, o.y))
-    return ' and '.join(f'a {_phrase(o)}' for o in objs)
+    return " and ".join(f"a {_phrase(o)}" for o in objs)
 
 
 def _want(o, size=False, color=False):
     """A spec entry for one object; attributes left None are not checked."""
-    return {'shape': o.shape, 'color': o.color if color else None, 'size': o.size if size else None}
+    return {"shape": o.shape, "color": o.color if color else None, "size": o.size if size else None}
 
 
 def scene_spec(scene):
     """The spec of caption(scene): exactly these objects, with sizes and colours (and the relation)."""
     objs = list(scene.objects)
-    spec = {'objects': [_want(o, True, True) for o in objs], 'count': None, 'relation': None, 'exact': True}
+    spec = {"objects": [_want(o, True, True) for o in objs], "count": None, "relation": None, "exact": True}
     if len(objs) == 2:
-        spec['relation'] = relation(objs[0], objs[1])
+        spec["relation"] = relation(objs[0], objs[1])
     return spec
 
 
@@ -217,17 +217,17 @@ def prompt_tasks(scene):
     objs = scene.objects
     kinds = []
     if len(objs) == 1:
-        kinds += ['single_object', 'colors']
+        kinds += ["single_object", "colors"]
     if len(objs) == 2:  # as in GenEval, the two named objects differ (same shapes: 'counting')
         a, b = objs
         if a.shape != b.shape:
-            kinds.append('two_object')
+            kinds.append("two_object")
             if clear_relation(a, b):
-                kinds.append('position')
+                kinds.append("position")
         if (a.color, a.shape) != (b.color, b.shape):
-            kinds.append('color_attr')
+            kinds.append("color_attr")
     if len(objs) >= 2 and len({o.shape for o in objs}) == 1:
-        kinds.append('counting')
+        kinds.append("counting")
     return kinds
 
 
@@ -242,28 +242,28 @@ def task_prompt(scene, task, rng):
     objs = list(scene.objects)
     if len(objs) == 2 and rng.random() < 0.5:
         objs = objs[::-1]
-    spec = {'objects': [], 'count': None, 'relation': None, 'exact': True}
-    if task == 'single_object':
-        spec['objects'] = [_want(objs[0])]
-        return f'a {objs[0].shape}', spec
-    if task == 'colors':
-        spec['objects'] = [_want(objs[0], color=True)]
-        return f'a {objs[0].color} {objs[0].shape}', spec
-    if task == 'two_object':
-        spec['objects'] = [_want(o) for o in objs]
-        return f'a {objs[0].shape} and a {objs[1].shape}', spec
-    if task == 'color_attr':
-        spec['objects'] = [_want(o, color=True) for o in objs]
-        return ' and '.join(f'a {o.color} {o.shape}' for o in objs), spec
-    if task == 'position':
-        spec['objects'] = [_want(o) for o in objs]
-        spec['relation'] = relation(objs[0], objs[1])
+    spec = {"objects": [], "count": None, "relation": None, "exact": True}
+    if task == "single_object":
+        spec["objects"] = [_want(objs[0])]
+        return f"a {objs[0].shape}", spec
+    if task == "colors":
+        spec["objects"] = [_want(objs[0], color=True)]
+        return f"a {objs[0].color} {objs[0].shape}", spec
+    if task == "two_object":
+        spec["objects"] = [_want(o) for o in objs]
+        return f"a {objs[0].shape} and a {objs[1].shape}", spec
+    if task == "color_attr":
+        spec["objects"] = [_want(o, color=True) for o in objs]
+        return " and ".join(f"a {o.color} {o.shape}" for o in objs), spec
+    if task == "position":
+        spec["objects"] = [_want(o) for o in objs]
+        spec["relation"] = relation(objs[0], objs[1])
         return f'a {objs[0].shape} {spec["relation"]} a {objs[1].shape}', spec
-    if task == 'counting':
-        spec['objects'] = [_want(objs[0])]
-        spec['count'] = len(objs)
-        return f'{NUMBERS[len(objs)]} {_plural(objs[0].shape)}', spec
-    raise ValueError(f'unknown prompt task {task!r}; expected one of {TASKS}')
+    if task == "counting":
+        spec["objects"] = [_want(objs[0])]
+        spec["count"] = len(objs)
+        return f"{NUMBERS[len(objs)]} {_plural(objs[0].shape)}", spec
+    raise ValueError(f"unknown prompt task {task!r}; expected one of {TASKS}")
 
 
 def t2i_prompt(scene, rng, full_caption_prob=0.5):
@@ -278,58 +278,58 @@ def _reference(o, objs, without=()):
     """The shortest phrase 'shape' / 'colour shape' / 'size shape' / 'size colour shape' that picks o
     out of objs (skipping the attributes in `without`); for one of two look-alikes 'left shape',
     'top colour shape', ... by their clear relation; None when nothing picks it out."""
-    options = [a for a in (('shape',), ('color', 'shape'), ('size', 'shape'), ('size', 'color', 'shape'))
+    options = [a for a in (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"))
                if not any(k in without for k in a)]
     for attrs in options:
         if sum(all(getattr(p, a) == getattr(o, a) for a in attrs) for p in objs) == 1:
-            return ' '.join(getattr(o, a) for a in attrs)
+            return " ".join(getattr(o, a) for a in attrs)
     for attrs in options:
         alike = [p for p in objs if all(getattr(p, a) == getattr(o, a) for a in attrs)]
         if len(alike) == 2:
             other = alike[1] if alike[0] is o else alike[0]
             if clear_relation(o, other):
-                side = {'left of': 'left', 'right of': 'right', 'above': 'top', 'below': 'bottom'}[relation(o, other)]
-                return ' '.join([side] + [getattr(o, a) for a in attrs])
+                side = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[relation(o, other)]
+                return " ".join([side] + [getattr(o, a) for a in attrs])
     return None
 
 
 def _object_ref(o, objs):
     """'red object' / 'small red object': o picked out without naming its shape."""
-    for attrs in (('color',), ('size', 'color'), ('size',)):
+    for attrs in (("color",), ("size", "color"), ("size",)):
         if sum(all(getattr(p, a) == getattr(o, a) for a in attrs) for p in objs) == 1:
-            return ' '.join(getattr(o, a) for a in attrs) + ' object'
+            return " ".join(getattr(o, a) for a in attrs) + " object"
     return None
 
 
-def vqa(scene, rng, split='train'):
+def vqa(scene, rng, split="train"):
     """(question, one-word answer) about colour, shape, size, count, existence or relation."""
     objs = list(scene.objects)
     pairs = allowed_pairs(split)
     cands = []
     for o in objs:
-        ref = _reference(o, objs, without=('color',))
+        ref = _reference(o, objs, without=("color",))
         if ref:
-            cands.append((f'what color is the {ref}', o.color))
+            cands.append((f"what color is the {ref}", o.color))
         ref = _object_ref(o, objs)
         if ref:
-            cands.append((f'what shape is the {ref}', o.shape))
-        ref = _reference(o, objs, without=('size',))
+            cands.append((f"what shape is the {ref}", o.shape))
+        ref = _reference(o, objs, without=("size",))
         if ref:
-            cands.append((f'what size is the {ref}', o.size))
+            cands.append((f"what size is the {ref}", o.size))
     shape = SHAPES[rng.integers(len(SHAPES))]
-    cands.append((f'how many {_plural(shape)} are there', NUMBERS[sum(o.shape == shape for o in objs)]))
-    cands.append(('how many objects are there', NUMBERS[len(objs)]))
+    cands.append((f"how many {_plural(shape)} are there", NUMBERS[sum(o.shape == shape for o in objs)]))
+    cands.append(("how many objects are there", NUMBERS[len(objs)]))
     color, shape = pairs[rng.integers(len(pairs))]
     present = any(o.color == color and o.shape == shape for o in objs)
-    cands.append((f'is there a {color} {shape}', 'yes' if present else 'no'))
+    cands.append((f"is there a {color} {shape}", "yes" if present else "no"))
     for a, b in itertools.permutations(objs, 2):
         ra, rb = _reference(a, objs), _reference(b, objs)
         if ra and rb and clear_relation(a, b):
-            cands.append((f'where is the {ra} relative to the {rb}', relation(a, b).split()[0]))
+            cands.append((f"where is the {ra} relative to the {rb}", relation(a, b).split()[0]))
     return cands[rng.integers(len(cands))]
 
 
-def edit(scene, rng, split='train', resolution=32, max_objects=None):
+def edit(scene, rng, split="train", resolution=32, max_objects=None):
     """(instruction, new_scene): recolour, move (against an edge), add, or remove one object.
 
     The new scene keeps every other object where it was. An added object's position is free
@@ -346,40 +346,40 @@ def edit(scene, rng, split='train', resolution=32, max_objects=None):
             continue
         for c in COLORS:
             if c != o.color and (c, o.shape) in pairs:
-                cands.append((f'make the {ref} {c}', ('recolor', i, c)))
+                cands.append((f"make the {ref} {c}", ("recolor", i, c)))
         for d in DIRECTIONS:
-            cands.append((f'move the {ref} to the {d}', ('move', i, d)))
+            cands.append((f"move the {ref} to the {d}", ("move", i, d)))
         if len(objs) > 1:
-            cands.append((f'remove the {ref}', ('remove', i, None)))
+            cands.append((f"remove the {ref}", ("remove", i, None)))
     if len(objs) < max_objects:
-        cands.append((None, ('add', None, None)))
+        cands.append((None, ("add", None, None)))
     order = rng.permutation(len(cands))
     for k in order:
         text, (op, i, arg) = cands[k]
-        if op == 'recolor':
+        if op == "recolor":
             new = objs[:i] + [replace(objs[i], color=arg)] + objs[i + 1:]
             return text, Scene(tuple(new))
-        if op == 'remove':
+        if op == "remove":
             return text, Scene(tuple(objs[:i] + objs[i + 1:]))
-        if op == 'move':
+        if op == "move":
             o = objs[i]
             lo, hi = o.side / 2 + BORDER, 1 - o.side / 2 - BORDER
-            moved = replace(o, **{'left': {'x': lo}, 'right': {'x': hi}, 'top': {'y': lo}, 'bottom': {'y': hi}}[arg])
+            moved = replace(o, **{"left": {"x": lo}, "right": {"x": hi}, "top": {"y": lo}, "bottom": {"y": hi}}[arg])
             rest = objs[:i] + objs[i + 1:]
             if abs(moved.x - o.x) + abs(moved.y - o.y) >= 0.2 and all(_separated(moved, p) for p in rest):
                 return text, Scene(tuple(objs[:i] + [moved] + objs[i + 1:]))
-        if op == 'add':
+        if op == "add":
             color, shape = pairs[rng.integers(len(pairs))]
-            size = ('small', 'large')[rng.integers(2)]
+            size = ("small", "large")[rng.integers(2)]
             pos = _place(rng, size, objs)
             if pos is not None:
                 new = Obj(shape, color, size, *pos)
-                return f'add a {_phrase(new)}', Scene(tuple(objs + [new]), free=(len(objs),))
+                return f"add a {_phrase(new)}", Scene(tuple(objs + [new]), free=(len(objs),))
     # only look-alikes that no phrase tells apart, and no room to add one: draw another scene
-    raise ValueError(f'no edit applies to {scene}')
+    raise ValueError(f"no edit applies to {scene}")
 
 
-def random_edit(rng, split='train', resolution=32, max_objects=None):
+def random_edit(rng, split="train", resolution=32, max_objects=None):
     """(scene, instruction, new_scene): a random scene and an edit of it (re-drawn if none applies)."""
     while True:
         scene = random_scene(rng, split, resolution, max_objects)
@@ -398,8 +398,8 @@ def scene_has_heldout(scene):
 def _to_uint8(image):
     """PIL image, uint8 (H, W, 3) array, or a float tensor / array in [-1, 1] ((3, H, W) or (H, W, 3))."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert('RGB'))
-    if hasattr(image, 'detach'):  # torch tensor
+        return np.asarray(image.convert("RGB"))
+    if hasattr(image, "detach"):  # torch tensor
         image = image.detach().float().cpu().numpy()
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
@@ -481,8 +481,8 @@ def read_objects(image, min_area=0.2, strict=False):
     """
     a = _to_uint8(image).astype(np.float32)
     res = a.shape[0]
-    smallest = 0.5 * (SIZES['small'] * res) ** 2  # a small triangle
-    largest = 1.3 * (SIZES['large'] * res) ** 2   # a large square, with a blurred rim
+    smallest = 0.5 * (SIZES["small"] * res) ** 2  # a small triangle
+    largest = 1.3 * (SIZES["large"] * res) ** 2   # a large square, with a blurred rim
     objs, explained = [], 0
     for ys, xs, area, skew, kurt, rgb in _features(a):
         if len(ys) < min_area * smallest:
@@ -492,10 +492,10 @@ def read_objects(image, min_area=0.2, strict=False):
         explained += len(ys)
         w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
         if skew / area ** 1.5 < -0.01:  # upright triangle: -(2 ** 1.5) / 135 = -0.021
-            shape = 'triangle'
+            shape = "triangle"
         else:  # square -1/120 = -0.0083, circle -1/(16 pi^2) = -0.0063
-            shape = 'square' if kurt < -0.0074 else 'circle'
-        size = 'small' if max(w, h) / res < sum(SIZES.values()) / 2 else 'large'
+            shape = "square" if kurt < -0.0074 else "circle"
+        size = "small" if max(w, h) / res < sum(SIZES.values()) / 2 else "large"
         objs.append(Obj(shape, _hue_name(rgb), size,
                         float((xs.min() + xs.max() + 1) / 2 / res), float((ys.min() + ys.max() + 1) / 2 / res)))
     if strict:
@@ -521,7 +521,7 @@ def _hue_spread(pixels):
 
 
 def _matches(o, want):
-    return all(want.get(k) is None or getattr(o, k) == want[k] for k in ('shape', 'color', 'size'))
+    return all(want.get(k) is None or getattr(o, k) == want[k] for k in ("shape", "color", "size"))
 
 
 def satisfies(objs, spec):
@@ -531,14 +531,14 @@ def satisfies(objs, spec):
     (exactly n objects match objects[0]), 'relation': 'above' etc. or None (objects[0] relative to
     objects[1]), 'exact': no other objects may be present}.
     """
-    want = spec['objects']
-    if spec.get('exact') and len(objs) != (spec['count'] or len(want)):
+    want = spec["objects"]
+    if spec.get("exact") and len(objs) != (spec["count"] or len(want)):
         return False
-    if spec.get('count') is not None:
-        return sum(_matches(o, want[0]) for o in objs) == spec['count']
+    if spec.get("count") is not None:
+        return sum(_matches(o, want[0]) for o in objs) == spec["count"]
     for chosen in itertools.permutations(objs, len(want)):
         if all(_matches(o, w) for o, w in zip(chosen, want)) and \
-                (spec.get('relation') is None or relation(chosen[0], chosen[1]) == spec['relation']):
+                (spec.get("relation") is None or relation(chosen[0], chosen[1]) == spec["relation"]):
             return True
     return False
 
@@ -553,25 +553,25 @@ def score_image(image, spec):
 def parse_caption(text):
     """(objects, relation): objects as dicts of size / color / shape (None when unsaid) and
     relation as (i, j, word) between object i and j, or None. 'two circles' gives two objects."""
-    words = text.lower().replace(',', ' ').replace('.', ' ').split()
+    words = text.lower().replace(",", " ").replace(".", " ").split()
     objs, rel, cur, count, pending = [], None, {}, 1, None
     singular = {_plural(s): s for s in SHAPES}
     for i, w in enumerate(words):
         if w in SIZES:
-            cur['size'] = w
+            cur["size"] = w
         elif w in HUES:
-            cur['color'] = w
+            cur["color"] = w
         elif w in NUMBERS:
             count = NUMBERS.index(w)
         elif w in SHAPES or w in singular:
             for _ in range(count if w in singular else 1):
-                objs.append({'size': cur.get('size'), 'color': cur.get('color'), 'shape': singular.get(w, w)})
+                objs.append({"size": cur.get("size"), "color": cur.get("color"), "shape": singular.get(w, w)})
             if pending is not None and rel is None:
                 rel = (pending, len(objs) - 1, pending_word)
             cur, count, pending = {}, 1, None
-        elif w in ('above', 'below') or (w in ('left', 'right') and words[i + 1:i + 2] == ['of']):
+        elif w in ("above", "below") or (w in ("left", "right") and words[i + 1:i + 2] == ["of"]):
             if objs:
-                pending, pending_word = len(objs) - 1, w if w in ('above', 'below') else w + ' of'
+                pending, pending_word = len(objs) - 1, w if w in ("above", "below") else w + " of"
     return objs, rel
 
 
@@ -581,15 +581,15 @@ def parse_prompt(text):
     its scene's objects."""
     objs, rel = parse_caption(text)
     words = text.lower().split()
-    spec = {'objects': [dict(o) for o in objs], 'count': None, 'relation': None, 'exact': bool(objs)}
+    spec = {"objects": [dict(o) for o in objs], "count": None, "relation": None, "exact": bool(objs)}
     numbers = [w for w in words if w in NUMBERS]
     if numbers and objs:
-        spec['objects'], spec['count'] = [dict(objs[0])], NUMBERS.index(numbers[0])
+        spec["objects"], spec["count"] = [dict(objs[0])], NUMBERS.index(numbers[0])
         return spec
     if rel is not None:  # relation between parsed objects i and j: name them first and second
         i, j, word = rel
-        spec['objects'] = [dict(objs[i]), dict(objs[j])] + [dict(o) for k, o in enumerate(objs) if k not in (i, j)]
-        spec['relation'] = word
+        spec["objects"] = [dict(objs[i]), dict(objs[j])] + [dict(o) for k, o in enumerate(objs) if k not in (i, j)]
+        spec["relation"] = word
     return spec
 
 
@@ -605,7 +605,7 @@ def score_caption(text, scene):
     slots = 3 * max(len(truth), len(pred)) + (1 if len(truth) == 2 or rel is not None else 0)
     best = 0
     for perm in itertools.permutations(range(len(truth)), min(len(pred), len(truth))):
-        ok = sum(pred[i][k] == getattr(truth[t], k) for i, t in enumerate(perm) for k in ('size', 'color', 'shape'))
+        ok = sum(pred[i][k] == getattr(truth[t], k) for i, t in enumerate(perm) for k in ("size", "color", "shape"))
         if rel is not None and rel[0] < len(perm) and rel[1] < len(perm):
             ok += relation(truth[perm[rel[0]]], truth[perm[rel[1]]]) == rel[2]
         best = max(best, ok)
@@ -614,7 +614,7 @@ def score_caption(text, scene):
 
 def score_vqa(answer, truth):
     """Exact match of the first word after lowercasing ('2' counts as 'two')."""
-    words = answer.lower().replace('.', ' ').replace('?', ' ').split()
+    words = answer.lower().replace(".", " ").replace("?", " ").split()
     if not words:
         return False
     w = words[0]
@@ -649,7 +649,7 @@ def objects_agree(read, truth, pos_tol=0.06):
 
 # ----------------------------------------------------------------------------- evaluation sets
 
-def eval_prompts(n_per_task=50, seed=0, split='test', resolution=32, max_objects=None):
+def eval_prompts(n_per_task=50, seed=0, split="test", resolution=32, max_objects=None):
     """Held-out text-to-image prompts, n_per_task for each GenEval task.
 
     Each: {'task', 'prompt', 'spec', 'heldout' (names a HELDOUT_PAIRS combination), 'scene' (one
@@ -662,30 +662,30 @@ def eval_prompts(n_per_task=50, seed=0, split='test', resolution=32, max_objects
     for t, task in enumerate(TASKS):
         for i in range(n_per_task):
             rng = np.random.default_rng([int(seed), SPLITS[split], 1000 + t, i])
-            force = task in ('colors', 'color_attr') and i % 3 == 0
-            n = 1 if task in ('single_object', 'colors') else 2
+            force = task in ("colors", "color_attr") and i % 3 == 0
+            n = 1 if task in ("single_object", "colors") else 2
             for _ in range(1000):
-                if task == 'counting':
+                if task == "counting":
                     n = int(rng.integers(2, max_objects + 1))
                     shape = SHAPES[rng.integers(len(SHAPES))]
                     pairs = [(c, shape) for c in COLORS]
                 else:
                     pairs = list(HELDOUT_PAIRS) if force else None
                 scene = random_scene(rng, split, resolution, max_objects, n, pairs=pairs)
-                if task == 'color_attr' and force and len(scene.objects) == 2:
+                if task == "color_attr" and force and len(scene.objects) == 2:
                     # one held-out object and one from the rest
-                    other = random_scene(rng, 'train', resolution, max_objects, 2)
+                    other = random_scene(rng, "train", resolution, max_objects, 2)
                     scene = Scene((scene.objects[0], replace(scene.objects[1], color=other.objects[0].color,
                                                              shape=other.objects[0].shape)))
                 if len(scene.objects) == n and task in prompt_tasks(scene):
                     break
             prompt, spec = task_prompt(scene, task, rng)
-            heldout = any(f'{c} {s}' in prompt for c, s in HELDOUT_PAIRS)
-            out.append({'task': task, 'prompt': prompt, 'spec': spec, 'heldout': heldout, 'scene': scene})
+            heldout = any(f"{c} {s}" in prompt for c, s in HELDOUT_PAIRS)
+            out.append({"task": task, "prompt": prompt, "spec": spec, "heldout": heldout, "scene": scene})
     return out
 
 
-def eval_scenes(n=200, seed=0, split='test', resolution=32, max_objects=None):
+def eval_scenes(n=200, seed=0, split="test", resolution=32, max_objects=None):
     """Held-out scenes for understanding and editing eval: dicts with scene, image (PIL), caption,
     question, answer, instruction, target (the edited Scene), target_image, heldout."""
     out = []
@@ -693,7 +693,7 @@ def eval_scenes(n=200, seed=0, split='test', resolution=32, max_objects=None):
         rng = np.random.default_rng([int(seed), SPLITS[split], 2000, i])
         scene, instr, target = random_edit(rng, split, resolution, max_objects)
         q, a = vqa(scene, rng, split)
-        out.append({'scene': scene, 'image': render(scene, resolution), 'caption': caption(scene),
-                    'question': q, 'answer': a, 'instruction': instr, 'target': target,
-                    'target_image': render(target, resolution), 'heldout': scene_has_heldout(scene)})
+        out.append({"scene": scene, "image": render(scene, resolution), "caption": caption(scene),
+                    "question": q, "answer": a, "instruction": instr, "target": target,
+                    "target_image": render(target, resolution), "heldout": scene_has_heldout(scene)})
     return out

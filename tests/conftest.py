@@ -27,3 +27,25 @@ def vae_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
     save_vae(AutoencoderKL(VAEConfig.preset("shapes", ch=8, norm_groups=4)), path)
     return path
+
+
+@pytest.fixture
+def diverge_at(monkeypatch):
+    """diverge_at(steps, max_bad=5): train.py's steps in `steps` get a NaN loss and NaN gradients, as a
+    diverging run does, and a run stops after max_bad such steps in a row."""
+    import train
+
+    def setup(steps, max_bad=5):
+        real = train.accumulate_gradients
+
+        def diverging(run, step):
+            stats = real(run, step)
+            if step in steps:
+                stats[0] = float("nan")
+                for p in run.raw_model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            return stats
+        monkeypatch.setattr(train, "accumulate_gradients", diverging)
+        monkeypatch.setattr(train, "MAX_BAD_STEPS", max_bad)
+    return setup

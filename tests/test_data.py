@@ -13,23 +13,23 @@ from data import build_dataset, task_shares, text_corpus
 from data import shapes as S
 from data.imagetext import DataWarning
 
-ALL_TASKS = {'t2i': 1, 'caption': 1, 'vqa': 1, 'edit': 1}
+ALL_TASKS = {"t2i": 1, "caption": 1, "vqa": 1, "edit": 1}
 
 
 def held_out_scenes(n, resolution=32, seed=1):
-    return [S.random_scene(S.rng_for(seed, 'test', i), 'test', resolution) for i in range(n)]
+    return [S.random_scene(S.rng_for(seed, "test", i), "test", resolution) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- shapes: the oracle
 
-@pytest.mark.parametrize('resolution,n', [(32, 300), (64, 100)])
+@pytest.mark.parametrize("resolution,n", [(32, 300), (64, 100)])
 def test_oracle_reads_back_rendered_scenes(resolution, n):
     scenes = held_out_scenes(n, resolution)
     agree = np.mean([S.objects_agree(S.read_objects(S.render(sc, resolution)), sc.objects) for sc in scenes])
     assert agree >= 0.98, agree
 
 
-@pytest.mark.parametrize('degrade', [
+@pytest.mark.parametrize("degrade", [
     lambda im: im.filter(ImageFilter.GaussianBlur(0.8)),
     lambda im: im.resize((16, 16), Image.BILINEAR).resize((32, 32), Image.BILINEAR),  # a 2x-lossy VAE
 ])
@@ -55,39 +55,39 @@ def test_score_image_accepts_matching_and_rejects_mismatched_prompts():
 
 def test_eval_prompts_cover_geneval_tasks_and_heldout_pairs():
     prompts = S.eval_prompts(n_per_task=12, seed=0)
-    assert [p['task'] for p in prompts] == [t for t in S.TASKS for _ in range(12)]
+    assert [p["task"] for p in prompts] == [t for t in S.TASKS for _ in range(12)]
     assert prompts == S.eval_prompts(n_per_task=12, seed=0)  # deterministic
     for p in prompts:  # each prompt is drawable, and its reference scene satisfies it
-        assert S.score_image(S.render(p['scene']), p['spec']), p['prompt']
-    held = [p for p in prompts if p['heldout']]
-    assert held and {p['task'] for p in held} <= {'colors', 'color_attr'}
-    assert S.score_image(S.render(S.Scene((S.Obj('circle', 'red', 'large', 0.5, 0.5),))), {
-        'objects': [{'shape': 'circle', 'color': 'red', 'size': None}], 'count': None, 'relation': None})
+        assert S.score_image(S.render(p["scene"]), p["spec"]), p["prompt"]
+    held = [p for p in prompts if p["heldout"]]
+    assert held and {p["task"] for p in held} <= {"colors", "color_attr"}
+    assert S.score_image(S.render(S.Scene((S.Obj("circle", "red", "large", 0.5, 0.5),))), {
+        "objects": [{"shape": "circle", "color": "red", "size": None}], "count": None, "relation": None})
 
 
 def test_caption_vqa_and_edit_scores():
     items = S.eval_scenes(60, seed=0)
-    assert all(S.score_caption(it['caption'], it['scene']) == 1.0 for it in items)
-    others = [S.score_caption(items[(i + 1) % 60]['caption'], it['scene']) for i, it in enumerate(items)]
+    assert all(S.score_caption(it["caption"], it["scene"]) == 1.0 for it in items)
+    others = [S.score_caption(items[(i + 1) % 60]["caption"], it["scene"]) for i, it in enumerate(items)]
     assert np.mean(others) < 0.6
-    two = S.Scene((S.Obj('circle', 'red', 'small', 0.5, 0.2), S.Obj('square', 'blue', 'large', 0.5, 0.7)))
-    assert S.caption(two) == 'a small red circle above a large blue square'
-    assert S.score_caption('a large blue square below a small red circle', two) == 1.0  # any order
-    assert S.score_caption('a small red circle below a large blue square', two) == 6 / 7  # wrong relation
-    assert S.score_vqa('Two', 'two') and S.score_vqa('2', 'two') and not S.score_vqa('three', 'two')
+    two = S.Scene((S.Obj("circle", "red", "small", 0.5, 0.2), S.Obj("square", "blue", "large", 0.5, 0.7)))
+    assert S.caption(two) == "a small red circle above a large blue square"
+    assert S.score_caption("a large blue square below a small red circle", two) == 1.0  # any order
+    assert S.score_caption("a small red circle below a large blue square", two) == 6 / 7  # wrong relation
+    assert S.score_vqa("Two", "two") and S.score_vqa("2", "two") and not S.score_vqa("three", "two")
     for it in items:  # the edited image scores, the unedited one does not; answers are one word
-        assert S.score_edit(it['target_image'], it['target']), it['instruction']
-        assert not S.score_edit(it['image'], it['target']), it['instruction']
-        assert S.score_edit(it['target_image'].filter(ImageFilter.GaussianBlur(0.8)), it['target'])
-        assert len(it['answer'].split()) == 1
+        assert S.score_edit(it["target_image"], it["target"]), it["instruction"]
+        assert not S.score_edit(it["image"], it["target"]), it["instruction"]
+        assert S.score_edit(it["target_image"].filter(ImageFilter.GaussianBlur(0.8)), it["target"])
+        assert len(it["answer"].split()) == 1
 
 
 def test_training_split_never_shows_heldout_pairs():
-    ds = build_dataset('shapes', tasks=ALL_TASKS, num_samples=600)
+    ds = build_dataset("shapes", tasks=ALL_TASKS, num_samples=600)
     for ex in ds:
         text = f"{ex['prompt']} {ex['answer']}"
-        assert not any(f'{c} {s}' in text for c, s in S.HELDOUT_PAIRS), text
-        for key in ('input_image', 'output_image'):
+        assert not any(f"{c} {s}" in text for c, s in S.HELDOUT_PAIRS), text
+        for key in ("input_image", "output_image"):
             if ex[key].abs().sum() > 0:
                 assert not any((o.color, o.shape) in S.HELDOUT_PAIRS for o in S.read_objects(ex[key]))
     test_scenes = held_out_scenes(300)
@@ -97,33 +97,33 @@ def test_training_split_never_shows_heldout_pairs():
 # ----------------------------------------------------------------------------- shapes: the dataset
 
 def test_examples_collate_with_fixed_keys_and_ranges():
-    batch = next(iter(DataLoader(build_dataset('shapes', tasks=ALL_TASKS), batch_size=64)))
-    assert set(batch) == {'task', 'input_image', 'output_image', 'prompt', 'answer'}
-    assert batch['input_image'].shape == batch['output_image'].shape == (64, 3, 32, 32)
-    assert batch['input_image'].min() >= -1 and batch['input_image'].max() <= 1
-    for i, task in enumerate(batch['task']):
-        has_in, has_out = batch['input_image'][i].abs().sum() > 0, batch['output_image'][i].abs().sum() > 0
-        assert (has_in, has_out) == {'t2i': (False, True), 'caption': (True, False),
-                                     'vqa': (True, False), 'edit': (True, True)}[task]
-        assert bool(batch['prompt'][i]) == (task != 'caption')
-        assert bool(batch['answer'][i]) == (task in ('caption', 'vqa'))
-    assert set(batch['task']) == {'t2i', 'caption', 'vqa', 'edit'}
+    batch = next(iter(DataLoader(build_dataset("shapes", tasks=ALL_TASKS), batch_size=64)))
+    assert set(batch) == {"task", "input_image", "output_image", "prompt", "answer"}
+    assert batch["input_image"].shape == batch["output_image"].shape == (64, 3, 32, 32)
+    assert batch["input_image"].min() >= -1 and batch["input_image"].max() <= 1
+    for i, task in enumerate(batch["task"]):
+        has_in, has_out = batch["input_image"][i].abs().sum() > 0, batch["output_image"][i].abs().sum() > 0
+        assert (has_in, has_out) == {"t2i": (False, True), "caption": (True, False),
+                                     "vqa": (True, False), "edit": (True, True)}[task]
+        assert bool(batch["prompt"][i]) == (task != "caption")
+        assert bool(batch["answer"][i]) == (task in ("caption", "vqa"))
+    assert set(batch["task"]) == {"t2i", "caption", "vqa", "edit"}
     # a t2i example's image satisfies its prompt
-    i = batch['task'].index('t2i')
-    assert S.score_image(batch['output_image'][i], S.parse_prompt(batch['prompt'][i]))
+    i = batch["task"].index("t2i")
+    assert S.score_image(batch["output_image"][i], S.parse_prompt(batch["prompt"][i]))
 
 
 def _fingerprints(loader):
     out = []
     for b in loader:
-        for i in range(len(b['task'])):
-            out.append((b['task'][i], b['prompt'][i], b['answer'][i],
-                        round(float(b['input_image'][i].sum()), 3), round(float(b['output_image'][i].sum()), 3)))
+        for i in range(len(b["task"])):
+            out.append((b["task"][i], b["prompt"][i], b["answer"][i],
+                        round(float(b["input_image"][i].sum()), 3), round(float(b["output_image"][i].sum()), 3)))
     return out
 
 
 def test_same_seed_same_samples_for_any_workers_and_ranks():
-    make = lambda **kw: build_dataset('shapes', tasks=ALL_TASKS, num_samples=40, **kw)
+    make = lambda **kw: build_dataset("shapes", tasks=ALL_TASKS, num_samples=40, **kw)
     one = _fingerprints(DataLoader(make(), batch_size=8))
     assert one == _fingerprints(DataLoader(make(), batch_size=8))  # repeatable
     two_workers = _fingerprints(DataLoader(make(), batch_size=8, num_workers=2))
@@ -131,29 +131,29 @@ def test_same_seed_same_samples_for_any_workers_and_ranks():
     assert len(set(one)) == 40
     assert sorted(two_workers) == sorted(one)
     assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(one)
-    assert _fingerprints(DataLoader(build_dataset('shapes', seed=1, num_samples=40), batch_size=8)) != one
+    assert _fingerprints(DataLoader(build_dataset("shapes", seed=1, num_samples=40), batch_size=8)) != one
 
 
 def test_text_corpus_covers_every_word_the_data_emits():
-    vocab = {w for t in text_corpus('shapes') for w in t.split()}
+    vocab = {w for t in text_corpus("shapes") for w in t.split()}
     emitted = set()
-    for ex in build_dataset('shapes', tasks=ALL_TASKS, num_samples=400):
-        emitted |= set(ex['prompt'].split()) | set(ex['answer'].split())
+    for ex in build_dataset("shapes", tasks=ALL_TASKS, num_samples=400):
+        emitted |= set(ex["prompt"].split()) | set(ex["answer"].split())
     for p in S.eval_prompts(10):
-        emitted |= set(p['prompt'].split())
+        emitted |= set(p["prompt"].split())
     assert emitted <= vocab and vocab == set(S.WORDS)
 
 
 def test_task_shares_drop_unsupported_tasks():
-    assert task_shares({'t2i': 0.5, 'caption': 0.25, 'vqa': 0.25}, {}, ('t2i', 'caption')) == \
-        {'t2i': 2 / 3, 'caption': 1 / 3}
+    assert task_shares({"t2i": 0.5, "caption": 0.25, "vqa": 0.25}, {}, ("t2i", "caption")) == \
+        {"t2i": 2 / 3, "caption": 1 / 3}
     with pytest.raises(ValueError):
-        task_shares({'vqa': 1.0}, {}, ('t2i', 'caption'))
+        task_shares({"vqa": 1.0}, {}, ("t2i", "caption"))
 
 
 # ----------------------------------------------------------------------------- real data
 
-def _encode(color, size=(48, 40), mode='RGB', fmt='JPEG', **save):
+def _encode(color, size=(48, 40), mode="RGB", fmt="JPEG", **save):
     """Bytes of a flat image (48 x 40: not square, so the centre crop runs too)."""
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, fmt, **save)
@@ -163,25 +163,25 @@ def _encode(color, size=(48, 40), mode='RGB', fmt='JPEG', **save):
 # images in every mode the readers must convert, and the RGB they should come out as (about)
 MODES = [
     (lambda: _encode((255, 0, 0)), (255, 0, 0)),
-    (lambda: _encode(128, mode='L'), (128, 128, 128)),
-    (lambda: _encode((0, 255, 255, 0), mode='CMYK'), (255, 0, 0)),
-    (lambda: _encode((0, 0, 255, 0), mode='RGBA', fmt='PNG'), (255, 255, 255)),  # transparent -> white
-    (lambda: _encode(3, mode='P', fmt='PNG'), None),
-    (lambda: _encode(0, mode='P', fmt='PNG', transparency=0), (255, 255, 255)),  # transparent palette entry
-    (lambda: _encode(32768, mode='I;16', fmt='PNG'), (128, 128, 128)),  # 16-bit grey
+    (lambda: _encode(128, mode="L"), (128, 128, 128)),
+    (lambda: _encode((0, 255, 255, 0), mode="CMYK"), (255, 0, 0)),
+    (lambda: _encode((0, 0, 255, 0), mode="RGBA", fmt="PNG"), (255, 255, 255)),  # transparent -> white
+    (lambda: _encode(3, mode="P", fmt="PNG"), None),
+    (lambda: _encode(0, mode="P", fmt="PNG", transparency=0), (255, 255, 255)),  # transparent palette entry
+    (lambda: _encode(32768, mode="I;16", fmt="PNG"), (128, 128, 128)),  # 16-bit grey
 ]
 
 
 def _samples(n, start=0):
     """(key, image bytes, caption, expected rgb) for n samples cycling through the image modes."""
-    return [(f'{start + i:09d}', MODES[i % len(MODES)][0](), f'caption number {start + i}', MODES[i % len(MODES)][1])
+    return [(f"{start + i:09d}", MODES[i % len(MODES)][0](), f"caption number {start + i}", MODES[i % len(MODES)][1])
             for i in range(n)]
 
 
 def _write_tar(path, samples, extra=()):
-    with tarfile.open(path, 'w') as tf:
+    with tarfile.open(path, "w") as tf:
         for key, img, cap, _ in samples:
-            members = [(f'{key}.jpg', img), (f'{key}.txt', cap.encode()), (f'{key}.json', json.dumps({'caption': cap}).encode())]
+            members = [(f"{key}.jpg", img), (f"{key}.txt", cap.encode()), (f"{key}.json", json.dumps({"caption": cap}).encode())]
             for name, data in members + [m for m in extra if m[0].startswith(key)]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -191,9 +191,9 @@ def _write_tar(path, samples, extra=()):
 def _read_all(ds):
     out = {}
     for ex in ds:
-        text = ex['prompt'] or ex['answer']
-        img = ex['output_image'] if ex['task'] == 't2i' else ex['input_image']
-        assert ex['task'] in ('t2i', 'caption') and img.shape == (3, 16, 16)
+        text = ex["prompt"] or ex["answer"]
+        img = ex["output_image"] if ex["task"] == "t2i" else ex["input_image"]
+        assert ex["task"] in ("t2i", "caption") and img.shape == (3, 16, 16)
         assert text not in out
         out[text] = ((img + 1) * 127.5).mean((1, 2))
     return out
@@ -209,119 +209,119 @@ def _check(out, samples):
 def test_webdataset_shards_by_dir_glob_and_brace_pattern(tmp_path):
     samples = _samples(12)
     for s in range(3):
-        _write_tar(tmp_path / f'{s:05d}.tar', samples[4 * s:4 * s + 4])
-    for spec in (str(tmp_path), str(tmp_path / '*.tar'), str(tmp_path / '{00000..00002}.tar')):
-        _check(_read_all(build_dataset('wds', spec, split='val', resolution=16)), samples)
-    _check(_read_all(build_dataset('cc3m', str(tmp_path), split='val', resolution=16)), samples)
-    brace = build_dataset('wds', str(tmp_path / '{00000..00001}.tar'), split='val', resolution=16)
+        _write_tar(tmp_path / f"{s:05d}.tar", samples[4 * s:4 * s + 4])
+    for spec in (str(tmp_path), str(tmp_path / "*.tar"), str(tmp_path / "{00000..00002}.tar")):
+        _check(_read_all(build_dataset("wds", spec, split="val", resolution=16)), samples)
+    _check(_read_all(build_dataset("cc3m", str(tmp_path), split="val", resolution=16)), samples)
+    brace = build_dataset("wds", str(tmp_path / "{00000..00001}.tar"), split="val", resolution=16)
     assert len(_read_all(brace)) == 8
 
 
 def test_huggingface_cc3m_shards_pick_the_split(tmp_path):
     train, val = _samples(4), _samples(3, start=100)
-    _write_tar(tmp_path / 'cc3m-train-0000.tar', train)
-    _write_tar(tmp_path / 'cc3m-validation-0000.tar', val)
-    _check(_read_all(build_dataset('cc3m', str(tmp_path), split='train', resolution=16, epochs=1)), train)
-    _check(_read_all(build_dataset('cc3m', str(tmp_path), split='val', resolution=16)), val)
+    _write_tar(tmp_path / "cc3m-train-0000.tar", train)
+    _write_tar(tmp_path / "cc3m-validation-0000.tar", val)
+    _check(_read_all(build_dataset("cc3m", str(tmp_path), split="train", resolution=16, epochs=1)), train)
+    _check(_read_all(build_dataset("cc3m", str(tmp_path), split="val", resolution=16)), val)
 
 
 def test_img2dataset_files_layout(tmp_path):
     samples = _samples(7)
     for i, (key, img, cap, _) in enumerate(samples):
-        d = tmp_path / f'{i // 4:05d}'
+        d = tmp_path / f"{i // 4:05d}"
         d.mkdir(exist_ok=True)
-        (d / f'{key}.jpg').write_bytes(img)
-        (d / f'{key}.txt').write_text(cap)
-    (tmp_path / '00000_stats.json').write_text('{}')
-    _check(_read_all(build_dataset('files', str(tmp_path), split='val', resolution=16)), samples)
-    _check(_read_all(build_dataset('cc12m', str(tmp_path), split='val', resolution=16)), samples)
+        (d / f"{key}.jpg").write_bytes(img)
+        (d / f"{key}.txt").write_text(cap)
+    (tmp_path / "00000_stats.json").write_text("{}")
+    _check(_read_all(build_dataset("files", str(tmp_path), split="val", resolution=16)), samples)
+    _check(_read_all(build_dataset("cc12m", str(tmp_path), split="val", resolution=16)), samples)
 
 
-@pytest.mark.parametrize('header', [True, False])
+@pytest.mark.parametrize("header", [True, False])
 def test_tsv_of_local_paths(tmp_path, header):
     samples = _samples(5)
-    (tmp_path / 'images').mkdir()
-    rows = ['filepath\tcaption'] if header else []
+    (tmp_path / "images").mkdir()
+    rows = ["filepath\tcaption"] if header else []
     for key, img, cap, _ in samples:
-        (tmp_path / 'images' / f'{key}.jpg').write_bytes(img)
-        rows.append(f'images/{key}.jpg\t{cap}')
-    (tmp_path / 'train.tsv').write_text('\n'.join(rows) + '\n')
-    _check(_read_all(build_dataset('tsv', str(tmp_path / 'train.tsv'), split='val', resolution=16)), samples)
-    csv = tmp_path / 'train.csv'
-    csv.write_text('caption,image_path\n' + ''.join(f'"{c}, ok",{tmp_path}/images/{k}.jpg\n' for k, _, c, _ in samples))
-    assert len(_read_all(build_dataset('tsv', str(csv), split='val', resolution=16))) == 5
+        (tmp_path / "images" / f"{key}.jpg").write_bytes(img)
+        rows.append(f"images/{key}.jpg\t{cap}")
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    _check(_read_all(build_dataset("tsv", str(tmp_path / "train.tsv"), split="val", resolution=16)), samples)
+    csv = tmp_path / "train.csv"
+    csv.write_text("caption,image_path\n" + "".join(f'"{c}, ok",{tmp_path}/images/{k}.jpg\n' for k, _, c, _ in samples))
+    assert len(_read_all(build_dataset("tsv", str(csv), split="val", resolution=16))) == 5
 
 
 def test_coco_captions_json(tmp_path):
-    (tmp_path / 'annotations').mkdir()
-    for split in ('train2017', 'val2017'):
+    (tmp_path / "annotations").mkdir()
+    for split in ("train2017", "val2017"):
         (tmp_path / split).mkdir()
         images, anns = [], []
         for i, (key, img, cap, _) in enumerate(_samples(4)):
-            (tmp_path / split / f'{key}.jpg').write_bytes(img)
-            images.append({'id': i, 'file_name': f'{key}.jpg'})
-            anns += [{'image_id': i, 'id': 10 * i + j, 'caption': f'{cap} {split} variant {j}'} for j in range(5)]
-        (tmp_path / 'annotations' / f'captions_{split}.json').write_text(json.dumps({'images': images, 'annotations': anns}))
-    out = _read_all(build_dataset('coco', str(tmp_path), split='val', resolution=16))
-    assert len(out) == 4 and all(' val2017 variant ' in c for c in out)  # one of each image's captions
-    assert text_corpus('coco', str(tmp_path), n=6) == [f'caption number {i} train2017 variant {j}'
+            (tmp_path / split / f"{key}.jpg").write_bytes(img)
+            images.append({"id": i, "file_name": f"{key}.jpg"})
+            anns += [{"image_id": i, "id": 10 * i + j, "caption": f"{cap} {split} variant {j}"} for j in range(5)]
+        (tmp_path / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    out = _read_all(build_dataset("coco", str(tmp_path), split="val", resolution=16))
+    assert len(out) == 4 and all(" val2017 variant " in c for c in out)  # one of each image's captions
+    assert text_corpus("coco", str(tmp_path), n=6) == [f"caption number {i} train2017 variant {j}"
                                                        for i in range(2) for j in range(5)][:6]
 
 
 def test_url_only_lists_and_missing_data_dir_point_to_readme(tmp_path):
-    cc3m = tmp_path / 'Train_GCC-training.tsv'
-    cc3m.write_text('a man rides a horse\thttp://example.com/1.jpg\nsunset\thttps://example.com/2.jpg\n')
-    cc12m = tmp_path / 'cc12m.tsv'
-    cc12m.write_text('https://example.com/1.jpg\ta dog\n')
-    for name, path in (('cc3m', cc3m), ('cc12m', cc12m), ('tsv', cc3m), ('cc3m', tmp_path)):
-        with pytest.raises(ValueError, match='holds no images.*data/README.md'):
+    cc3m = tmp_path / "Train_GCC-training.tsv"
+    cc3m.write_text("a man rides a horse\thttp://example.com/1.jpg\nsunset\thttps://example.com/2.jpg\n")
+    cc12m = tmp_path / "cc12m.tsv"
+    cc12m.write_text("https://example.com/1.jpg\ta dog\n")
+    for name, path in (("cc3m", cc3m), ("cc12m", cc12m), ("tsv", cc3m), ("cc3m", tmp_path)):
+        with pytest.raises(ValueError, match="holds no images.*data/README.md"):
             build_dataset(name, str(path))
-    with pytest.raises(ValueError, match='needs --data_dir.*data/README.md'):
-        build_dataset('cc3m')
-    with pytest.raises(FileNotFoundError, match='does not exist'):
-        build_dataset('coco', str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match="needs --data_dir.*data/README.md"):
+        build_dataset("cc3m")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset("coco", str(tmp_path / "missing"))
 
 
 def test_bad_samples_are_skipped_counted_and_warned(tmp_path):
     good = _samples(4)
-    bad = [('000000100', b'not an image at all', 'corrupt jpeg', None),
-           ('000000101', _encode((1, 2, 3), size=(300, 300), fmt='PNG'), 'a decompression bomb', None),
-           ('000000102', _encode((1, 2, 3)), '   ', None)]
-    _write_tar(tmp_path / '00000.tar', good[:2] + bad)
-    with tarfile.open(tmp_path / '00001.tar', 'w') as tf:  # no caption; a caption that is not UTF-8
-        for name, data in (('000000200.jpg', _encode((9, 9, 9))), ('000000201.jpg', _encode((9, 9, 9))),
-                           ('000000201.txt', 'caf\xe9'.encode('latin-1'))):
+    bad = [("000000100", b"not an image at all", "corrupt jpeg", None),
+           ("000000101", _encode((1, 2, 3), size=(300, 300), fmt="PNG"), "a decompression bomb", None),
+           ("000000102", _encode((1, 2, 3)), "   ", None)]
+    _write_tar(tmp_path / "00000.tar", good[:2] + bad)
+    with tarfile.open(tmp_path / "00001.tar", "w") as tf:  # no caption; a caption that is not UTF-8
+        for name, data in (("000000200.jpg", _encode((9, 9, 9))), ("000000201.jpg", _encode((9, 9, 9))),
+                           ("000000201.txt", "caf\xe9".encode("latin-1"))):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    _write_tar(tmp_path / 'full.tar', good[2:] + _samples(6, start=300))
-    data = (tmp_path / 'full.tar').read_bytes()
-    (tmp_path / '00002.tar').write_bytes(data[:len(data) // 2])  # truncated mid-shard
-    (tmp_path / 'full.tar').unlink()
-    ds = build_dataset('wds', str(tmp_path), split='val', resolution=16, max_pixels=200 * 200)
+    _write_tar(tmp_path / "full.tar", good[2:] + _samples(6, start=300))
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "00002.tar").write_bytes(data[:len(data) // 2])  # truncated mid-shard
+    (tmp_path / "full.tar").unlink()
+    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16, max_pixels=200 * 200)
     with pytest.warns(DataWarning) as record:
         out = _read_all(ds)
-    assert {'caption number 0', 'caption number 1', 'caption number 2'} <= set(out)
-    assert dict(ds.stats, samples=0) == {'samples': 0, 'corrupt_image': 1, 'oversized_image': 1, 'empty_caption': 1,
-                                         'missing_caption': 1, 'bad_caption_encoding': 1, 'truncated_shard': 1}
-    assert ds.stats['samples'] == len(out)
-    messages = ' '.join(str(w.message) for w in record)
-    assert '00000.tar' in messages and '00001.tar' in messages and '00002.tar' in messages
+    assert {"caption number 0", "caption number 1", "caption number 2"} <= set(out)
+    assert dict(ds.stats, samples=0) == {"samples": 0, "corrupt_image": 1, "oversized_image": 1, "empty_caption": 1,
+                                         "missing_caption": 1, "bad_caption_encoding": 1, "truncated_shard": 1}
+    assert ds.stats["samples"] == len(out)
+    messages = " ".join(str(w.message) for w in record)
+    assert "00000.tar" in messages and "00001.tar" in messages and "00002.tar" in messages
 
 
 def test_shards_split_disjointly_over_ranks_and_workers(tmp_path):
     samples = _samples(15)
     for s in range(5):
-        _write_tar(tmp_path / f'{s:05d}.tar', samples[3 * s:3 * s + 3])
+        _write_tar(tmp_path / f"{s:05d}.tar", samples[3 * s:3 * s + 3])
     seen = []
     for rank in range(2):
-        ds = build_dataset('wds', str(tmp_path), split='train', resolution=16, rank=rank, world_size=2, epochs=1)
+        ds = build_dataset("wds", str(tmp_path), split="train", resolution=16, rank=rank, world_size=2, epochs=1)
         for b in DataLoader(ds, batch_size=4, num_workers=2):
-            seen += [p or a for p, a in zip(b['prompt'], b['answer'])]
+            seen += [p or a for p, a in zip(b["prompt"], b["answer"])]
     assert sorted(seen) == sorted(cap for _, _, cap, _ in samples)  # each sample exactly once
     # an endless train stream goes on epoch after epoch, each a new order of every sample
-    stream = iter(build_dataset('wds', str(tmp_path), resolution=16, shuffle_buffer=4))
-    text = lambda ex: ex['prompt'] or ex['answer']
+    stream = iter(build_dataset("wds", str(tmp_path), resolution=16, shuffle_buffer=4))
+    text = lambda ex: ex["prompt"] or ex["answer"]
     first, second = [[text(next(stream)) for _ in range(15)] for _ in range(2)]
     assert sorted(first) == sorted(second) == sorted(cap for _, _, cap, _ in samples) and first != second
 
@@ -329,9 +329,9 @@ def test_shards_split_disjointly_over_ranks_and_workers(tmp_path):
 def test_tsv_records_split_disjointly(tmp_path):
     samples = _samples(9)
     for key, img, _, _ in samples:
-        (tmp_path / f'{key}.jpg').write_bytes(img)
-    (tmp_path / 'list.tsv').write_text(''.join(f'{k}.jpg\t{c}\n' for k, _, c, _ in samples))
-    parts = [list(_read_all(build_dataset('tsv', str(tmp_path / 'list.tsv'), split='train', resolution=16,
+        (tmp_path / f"{key}.jpg").write_bytes(img)
+    (tmp_path / "list.tsv").write_text("".join(f"{k}.jpg\t{c}\n" for k, _, c, _ in samples))
+    parts = [list(_read_all(build_dataset("tsv", str(tmp_path / "list.tsv"), split="train", resolution=16,
                                           rank=r, world_size=3, epochs=1))) for r in range(3)]
     assert all(len(p) == 3 for p in parts)
     assert sorted(sum(parts, [])) == sorted(c for _, _, c, _ in samples)
@@ -343,7 +343,7 @@ def test_score_image_rejects_noise_like_a_detector_would():
     prompts = S.eval_prompts(10, seed=0)
     noise = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in prompts]
     grey_noise = [np.clip(128 + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8) for _ in prompts]
-    assert not any(S.score_image(im, p['spec']) for im, p in zip(noise + grey_noise, prompts + prompts))
+    assert not any(S.score_image(im, p["spec"]) for im, p in zip(noise + grey_noise, prompts + prompts))
     assert S.read_objects(noise[0], strict=True) is None
 
 
@@ -351,12 +351,12 @@ def test_extra_objects_fail_every_prompt():
     """Every prompt names all of its scene's objects, so a canvas with more objects than named (the
     output of an untrained model is many coloured blobs) fails, even when it contains the named ones."""
     for i, p in enumerate(S.eval_prompts(10, seed=1)):
-        scene = p['scene']
-        assert S.score_image(S.render(scene), p['spec'])
-        extra = S.random_scene(np.random.default_rng(i), 'test', 32, n_objects=1).objects[0]
+        scene = p["scene"]
+        assert S.score_image(S.render(scene), p["spec"])
+        extra = S.random_scene(np.random.default_rng(i), "test", 32, n_objects=1).objects[0]
         crowded = S.Scene(scene.objects + (extra,))
-        assert not S.satisfies(crowded.objects, p['spec']), p['prompt']
-    assert not S.satisfies([S.Obj('circle', 'red', 'small', 0.2, 0.2), S.Obj('square', 'blue', 'small', 0.7, 0.7)],
-                           S.parse_prompt('a circle'))
-    assert not S.satisfies([S.Obj('circle', 'red', 'small', 0.2, 0.2)] * 2 + [S.Obj('square', 'red', 'small', 0.7, 0.7)],
-                           S.parse_prompt('two circles'))
+        assert not S.satisfies(crowded.objects, p["spec"]), p["prompt"]
+    assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2), S.Obj("square", "blue", "small", 0.7, 0.7)],
+                           S.parse_prompt("a circle"))
+    assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2)] * 2 + [S.Obj("square", "red", "small", 0.7, 0.7)],
+                           S.parse_prompt("two circles"))

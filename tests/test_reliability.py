@@ -394,10 +394,10 @@ def test_malformed_safetensors_are_refused_before_the_library_reads_them(tmp_pat
 
 # ----------------------------------------------------------------------------- numerics
 
-def test_nan_steps_are_skipped_counted_and_a_run_of_them_stops_cleanly(run_dir, tmp_path, vae_path):
+def test_nan_steps_are_skipped_counted_and_a_run_of_them_stops_cleanly(run_dir, tmp_path, vae_path, diverge_at):
+    diverge_at(range(2, 20), max_bad=3)
     with pytest.raises(SystemExit) as e:
-        train.main([*FAST, "--vae", vae_path, "--out_dir", str(tmp_path), "--max_steps", "20",
-                    "--debug_nan_steps", "2:20", "--max_bad_steps", "3"])
+        train.main([*FAST, "--vae", vae_path, "--out_dir", str(tmp_path), "--max_steps", "20"])
     assert "NaN/inf for 3 steps in a row" in one_sentence(e) and "--init_from resume" in e.value.code
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
     assert [r["skipped"] for r in log] == [0, 0, 1, 2]                  # steps 1-2 good, 3-4 skipped, 5th stops

@@ -87,16 +87,42 @@ def test_resume_continues_exactly(tmp_path, vae_path):
     assert len(b) == 6
 
 
+DUMP_FIRST_GRADIENTS = """
+import os, sys, torch, train
+real, path = train.accumulate_gradients, sys.argv[1]
+
+def dump(run, step):        # train.py with a spy: the first step's gradients (averaged, gathered) to a file
+    stats = real(run, step)
+    if step == 0:           # under FSDP gathering is a collective: every rank gathers, rank 0 saves
+        grads = {n: train.full_tensor(p.grad).detach().cpu().clone() for n, p in run.raw_model.named_parameters()
+                 if p.grad is not None}
+        if int(os.environ.get("RANK", 0)) == 0:
+            torch.save(grads, path)
+    return stats
+train.accumulate_gradients = dump
+train.main(sys.argv[2:])
+"""
+
+
+def dump_script(tmp_path):
+    """`python SCRIPT GRADS.pt FLAGS...` runs train.py and saves its first step's gradients to GRADS.pt."""
+    script = tmp_path / "dump_first_gradients.py"
+    script.write_text(DUMP_FIRST_GRADIENTS)
+    return str(script)
+
+
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, vae_path):
     """torchrun, 2 CPU processes with gloo: they train, and their first-step gradients (averaged by DDP)
     equal those of one process doing the same 2 micro-batches by gradient accumulation."""
     flags = [*FAST, "--vae", vae_path, "--batch_size", "8", "--grad_accum", "2", "--max_steps", "2"]
-    run_one = train.main([*flags, "--out_dir", str(tmp_path / "one"), "--dump_grads", str(tmp_path / "g1.pt")])
+    script = dump_script(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    one = subprocess.run([sys.executable, script, str(tmp_path / "g1.pt"), *flags, "--out_dir",
+                          str(tmp_path / "one")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "train.py"), *flags, "--out_dir", str(tmp_path / "two"),
-                           "--dump_grads", str(tmp_path / "g2.pt")], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                           script, str(tmp_path / "g2.pt"), *flags, "--out_dir", str(tmp_path / "two")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "over 2 process(es)" in proc.stdout
     two = read_log(tmp_path / "two")
@@ -106,21 +132,21 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, vae_path):
     for n in g1.keys() | g2.keys():
         torch.testing.assert_close(zero(g2, n), zero(g1, n), rtol=1e-4, atol=1e-6, msg=n)
     assert abs(read_log(tmp_path / "one")[0]["loss"] - two[0]["loss"]) < 1e-5
-    assert run_one is not None
 
 
-def test_nan_loss_is_skipped_and_counted(tmp_path, vae_path):
-    run(tmp_path, vae_path, "--max_steps", "5", "--debug_nan_steps", "2")
+def test_nan_loss_is_skipped_and_counted(tmp_path, vae_path, diverge_at):
+    diverge_at(range(2, 3))
+    run(tmp_path, vae_path, "--max_steps", "5")
     log = read_log(tmp_path)
     assert [r["skipped"] for r in log] == [0, 0, 1, 1, 1]
     assert all(r["loss"] == r["loss"] for r in log[3:])                 # training went on, finite
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["bad_steps"] == 1
 
 
-def test_nan_loss_in_a_row_stops_and_keeps_the_last_checkpoint(tmp_path, vae_path, capsys):
+def test_nan_loss_in_a_row_stops_and_keeps_the_last_checkpoint(tmp_path, vae_path, capsys, diverge_at):
+    diverge_at(range(3, 20), max_bad=3)
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, vae_path, "--max_steps", "20", "--eval_interval", "2", "--debug_nan_steps", "3:20",
-            "--max_bad_steps", "3")
+        run(tmp_path, vae_path, "--max_steps", "20", "--eval_interval", "2")
     assert "NaN/inf for 3 steps in a row" in str(e.value.code) and "intact" in str(e.value.code)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
@@ -158,10 +184,10 @@ def test_bad_input_is_one_clear_sentence(argv, words, capsys):
     assert all(w in last for w in words), message
 
 
-def torchrun(nproc, *argv):
+def torchrun(nproc, *argv, script=os.path.join(ROOT, "train.py")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), os.path.join(ROOT, "train.py"), *argv], env=env, cwd=ROOT,
+                           str(nproc), script, *argv], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -172,9 +198,13 @@ def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(tmp_path, v
     and every step's loss equal one process's on the same global batch; the checkpoint is a full, plain
     state dict that load_checkpoint reads; a sharded run resumes from it exactly."""
     flags = [*FAST, "--vae", vae_path, "--batch_size", "8", "--grad_accum", "2", "--max_steps", "3"]
-    train.main([*flags, "--out_dir", str(tmp_path / "one"), "--dump_grads", str(tmp_path / "g1.pt")])
+    script = dump_script(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    one = subprocess.run([sys.executable, script, str(tmp_path / "g1.pt"), *flags, "--out_dir", str(tmp_path / "one")],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
     sharded = [*flags, "--out_dir", str(tmp_path / "two"), "--fsdp", "--grad_checkpoint"]
-    torchrun(2, *sharded, "--stop_at", "2", "--dump_grads", str(tmp_path / "g2.pt"))
+    torchrun(2, str(tmp_path / "g2.pt"), *sharded, "--stop_at", "2", script=script)
     ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(type(v) is torch.Tensor for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
     plain = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)

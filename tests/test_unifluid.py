@@ -191,7 +191,7 @@ def test_diffusion_head_is_zero_at_init_and_overfits():
     torch.manual_seed(0)
     head = DiffusionHead(token_dim=8, cond_dim=16, width=64, depth=2)
     x, z = torch.randn(32, 8), torch.randn(32, 16)
-    assert torch.equal(head(x, torch.randint(0, 1000, (32,)), z), torch.zeros(32, 8))
+    assert torch.equal(head(x, torch.randint(0, 1000, (32,)), head.condition(z)), torch.zeros(32, 8))
     diff = GaussianDiffusion(head)
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
     target = torch.randn(4, 8)
@@ -241,9 +241,9 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution():
 
 @pytest.mark.parametrize("w,tasks", [(1.0, ["caption", "vqa"]), (0.0, ["t2i", "t2i"])])
 def test_absent_side_of_the_loss_gives_zero_gradients(w, tasks):
-    m = tiny()
+    m = tiny(image_weight=w)
     b = batch_for(m, tasks, ["", "what?"] if w == 1.0 else ["a", "b"], ["a red circle", "red"] if w == 1.0 else None)
-    out = m(b, image_weight=w)
+    out = m(b)
     out["loss"].backward()
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert all(torch.count_nonzero(g) == 0 for g in grads)
@@ -251,10 +251,10 @@ def test_absent_side_of_the_loss_gives_zero_gradients(w, tasks):
 
 
 def test_loss_is_weighted_sum():
-    m = tiny()
+    m = tiny(image_weight=0.7)                   # the loss weight is part of the config (--image_weight)
     b = batch_for(m, ["t2i", "vqa"], ["a red circle", "what color?"], ["", "red"])
     torch.manual_seed(0)
-    out = m(b, image_weight=0.7)
+    out = m(b)
     assert out["loss_image"] > 0 and out["loss_text"] > 0
     assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
 

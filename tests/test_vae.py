@@ -25,7 +25,7 @@ def shapes_images(n, size=16, seed=0):
     colors = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (240, 200, 40), (250, 250, 250)]
     pils = []
     for _ in range(n):
-        im = Image.new('RGB', (size, size), rng.choice([(0, 0, 0), (128, 128, 128)]))
+        im = Image.new("RGB", (size, size), rng.choice([(0, 0, 0), (128, 128, 128)]))
         d = ImageDraw.Draw(im)
         for _ in range(rng.randint(1, 3)):
             s = rng.randint(size // 4, size // 2)
@@ -35,7 +35,7 @@ def shapes_images(n, size=16, seed=0):
     return from_pil(pils, size)
 
 
-def random_model(preset='shapes', **overrides):
+def random_model(preset="shapes", **overrides):
     """A model whose every tensor is random (GroupNorm affine included), so a mis-mapped name shows."""
     vae = AutoencoderKL(VAEConfig.preset(preset, **{**TINY, **overrides})).eval()
     with torch.no_grad():
@@ -44,10 +44,10 @@ def random_model(preset='shapes', **overrides):
     return vae
 
 
-@pytest.mark.parametrize('preset,size', [('shapes', 32), ('sd', 32), ('mar-kl16', 32)])
+@pytest.mark.parametrize("preset,size", [("shapes", 32), ("sd", 32), ("mar-kl16", 32)])
 def test_encode_decode_shapes_and_ranges(preset, size):
     vae = AutoencoderKL(VAEConfig.preset(preset, **TINY)).eval()
-    f = {'shapes': 4, 'sd': 8, 'mar-kl16': 16}[preset]
+    f = {"shapes": 4, "sd": 8, "mar-kl16": 16}[preset]
     assert vae.downsample == f
     x = shapes_images(2, size)
     z = vae.encode(x)
@@ -60,11 +60,11 @@ def test_encode_decode_shapes_and_ranges(preset, size):
 
 
 def test_preset_scale_factors_and_overrides():
-    assert VAEConfig.preset('sd').scale_factor == 0.18215
-    assert VAEConfig.preset('mar-kl16').scale_factor == 0.2325
-    assert VAEConfig.preset('mar-kl16', latent_channels=8).latent_channels == 8
-    with pytest.raises(ValueError, match='unknown VAE preset'):
-        VAEConfig.preset('nope')
+    assert VAEConfig.preset("sd").scale_factor == 0.18215
+    assert VAEConfig.preset("mar-kl16").scale_factor == 0.2325
+    assert VAEConfig.preset("mar-kl16", latent_channels=8).latent_channels == 8
+    with pytest.raises(ValueError, match="unknown VAE preset"):
+        VAEConfig.preset("nope")
 
 
 def test_pil_round_trip():
@@ -74,14 +74,14 @@ def test_pil_round_trip():
     assert torch.allclose(from_pil(pils, 16), x, atol=1 / 127)
     # non-square input: shorter side resized, then center-cropped
     from PIL import Image
-    wide = Image.new('RGBA', (40, 20), (255, 0, 0, 255))
+    wide = Image.new("RGBA", (40, 20), (255, 0, 0, 255))
     y = from_pil(wide, 10)
     assert y.shape == (1, 3, 10, 10) and torch.allclose(y[0, 0], torch.ones(10, 10))
 
 
 def test_small_vae_overfits_and_measures_scale(tmp_path):
     images = list(shapes_images(8, 16))
-    cfg = VAEConfig.preset('shapes', ch=16, ch_mult=(1, 2), latent_channels=4)
+    cfg = VAEConfig.preset("shapes", ch=16, ch_mult=(1, 2), latent_channels=4)
     start = AutoencoderKL(cfg).eval()
     x = torch.stack(images)
     before = psnr(x, start.decode_unscaled(start.posterior(x)[0]).detach().clamp(-1, 1))
@@ -90,16 +90,16 @@ def test_small_vae_overfits_and_measures_scale(tmp_path):
     assert after > before + 10 and after > 22, (before, after)
     # the scale factor is measured: scaled latents have about unit variance
     assert 0.7 < vae.encode(x).std().item() < 1.4
-    assert os.path.exists(tmp_path / 'vae.pt') and os.path.exists(tmp_path / 'reconstructions.png')
+    assert os.path.exists(tmp_path / "vae.pt") and os.path.exists(tmp_path / "reconstructions.png")
     # the saved checkpoint carries the measured factor
-    assert load_vae(str(tmp_path / 'vae.pt')).scale_factor == pytest.approx(vae.scale_factor)
+    assert load_vae(str(tmp_path / "vae.pt")).scale_factor == pytest.approx(vae.scale_factor)
 
 
 def test_save_load_round_trip(tmp_path):
-    vae = random_model('shapes', scale_factor=0.5)
-    path = str(tmp_path / 'ckpt' / 'vae.pt')
+    vae = random_model("shapes", scale_factor=0.5)
+    path = str(tmp_path / "ckpt" / "vae.pt")
     save_vae(vae, path)
-    assert os.listdir(tmp_path / 'ckpt') == ['vae.pt']  # the .tmp was renamed away
+    assert os.listdir(tmp_path / "ckpt") == ["vae.pt"]  # the .tmp was renamed away
     loaded = load_vae(path)
     assert loaded.config == vae.config and loaded.scale_factor == 0.5
     x = shapes_images(2, 32)
@@ -121,26 +121,26 @@ def write_diffusers_dir(vae, path, old_attention_names=False):
     state = {}
     for k, v in vae.state_dict().items():
         if old_attention_names:
-            for new, old in [('.to_q.', '.query.'), ('.to_k.', '.key.'), ('.to_v.', '.value.'),
-                             ('.to_out.0.', '.proj_attn.')]:
+            for new, old in [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
+                             (".to_out.0.", ".proj_attn.")]:
                 k = k.replace(new, old)
         state[k] = v.contiguous()
-    save_file(state, os.path.join(path, 'diffusion_pytorch_model.safetensors'))
+    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"))
     n = len(cfg.ch_mult)
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-        json.dump({'_class_name': 'AutoencoderKL', 'block_out_channels': [cfg.ch * m for m in cfg.ch_mult],
-                   'down_block_types': ['DownEncoderBlock2D'] * n, 'up_block_types': ['UpDecoderBlock2D'] * n,
-                   'layers_per_block': cfg.num_res_blocks, 'latent_channels': cfg.latent_channels,
-                   'norm_num_groups': cfg.norm_groups, 'scaling_factor': cfg.scale_factor}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "AutoencoderKL", "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+                   "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+                   "layers_per_block": cfg.num_res_blocks, "latent_channels": cfg.latent_channels,
+                   "norm_num_groups": cfg.norm_groups, "scaling_factor": cfg.scale_factor}, f)
 
 
-@pytest.mark.parametrize('old_names', [False, True])
+@pytest.mark.parametrize("old_names", [False, True])
 def test_load_diffusers_layout(tmp_path, old_names):
-    pytest.importorskip('safetensors')
-    vae = random_model('sd')
-    write_diffusers_dir(vae, str(tmp_path / 'vae'), old_attention_names=old_names)
+    pytest.importorskip("safetensors")
+    vae = random_model("sd")
+    write_diffusers_dir(vae, str(tmp_path / "vae"), old_attention_names=old_names)
     # a pipeline folder (DIR/vae/) and the VAE folder itself both load
-    for spec in [f'sd:{tmp_path}', f'sd:{tmp_path / "vae"}']:
+    for spec in [f"sd:{tmp_path}", f'sd:{tmp_path / "vae"}']:
         loaded = load_vae(spec)
         assert loaded.config == vae.config
         assert_same_model(loaded, vae)
@@ -151,21 +151,21 @@ def to_ldm_state(vae):
     n = len(vae.config.ch_mult)
     out = {}
     for k, v in vae.state_dict().items():
-        parts = k.split('.')
-        if k.startswith('encoder.down_blocks.'):
+        parts = k.split(".")
+        if k.startswith("encoder.down_blocks."):
             i, kind = parts[2], parts[3]
-            head = {'resnets': f'block.{parts[4]}', 'attentions': f'attn.{parts[4]}', 'downsamplers': 'downsample'}[kind]
-            k = '.'.join(['encoder', 'down', i, head] + parts[5:])
-        elif k.startswith('decoder.up_blocks.'):
+            head = {"resnets": f"block.{parts[4]}", "attentions": f"attn.{parts[4]}", "downsamplers": "downsample"}[kind]
+            k = ".".join(["encoder", "down", i, head] + parts[5:])
+        elif k.startswith("decoder.up_blocks."):
             i, kind = n - 1 - int(parts[2]), parts[3]
-            head = {'resnets': f'block.{parts[4]}', 'upsamplers': 'upsample'}[kind]
-            k = '.'.join(['decoder', 'up', str(i), head] + parts[5:])
-        k = (k.replace('mid_block.resnets.0', 'mid.block_1').replace('mid_block.resnets.1', 'mid.block_2')
-              .replace('mid_block.attentions.0', 'mid.attn_1').replace('conv_norm_out', 'norm_out')
-              .replace('conv_shortcut', 'nin_shortcut'))
-        if '.attn' in k:  # LDM attention: norm + 1x1 convs q, k, v, proj_out
-            k = (k.replace('.group_norm.', '.norm.').replace('.to_q.', '.q.').replace('.to_k.', '.k.')
-                  .replace('.to_v.', '.v.').replace('.to_out.0.', '.proj_out.'))
+            head = {"resnets": f"block.{parts[4]}", "upsamplers": "upsample"}[kind]
+            k = ".".join(["decoder", "up", str(i), head] + parts[5:])
+        k = (k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+              .replace("mid_block.attentions.0", "mid.attn_1").replace("conv_norm_out", "norm_out")
+              .replace("conv_shortcut", "nin_shortcut"))
+        if ".attn" in k:  # LDM attention: norm + 1x1 convs q, k, v, proj_out
+            k = (k.replace(".group_norm.", ".norm.").replace(".to_q.", ".q.").replace(".to_k.", ".k.")
+                  .replace(".to_v.", ".v.").replace(".to_out.0.", ".proj_out."))
             if v.ndim == 2:
                 v = v[:, :, None, None]
         out[k] = v.clone()
@@ -174,55 +174,55 @@ def to_ldm_state(vae):
 
 def test_load_ldm_mar_layout(tmp_path):
     # MAR KL-16 layout: 5 levels, attention in the last encoder level, 16 latent channels
-    vae = random_model('mar-kl16')
+    vae = random_model("mar-kl16")
     state = to_ldm_state(vae)
-    assert 'encoder.down.4.attn.1.proj_out.weight' in state and 'decoder.up.0.block.2.conv1.weight' in state
-    assert state['encoder.mid.attn_1.q.weight'].ndim == 4
-    path = str(tmp_path / 'kl16.ckpt')
-    torch.save({'model': state}, path)
-    loaded = load_vae(f'mar:{path}', norm_groups=4)  # GroupNorm groups are not in the weights
-    assert loaded.config == VAEConfig.preset('mar-kl16', **TINY)
+    assert "encoder.down.4.attn.1.proj_out.weight" in state and "decoder.up.0.block.2.conv1.weight" in state
+    assert state["encoder.mid.attn_1.q.weight"].ndim == 4
+    path = str(tmp_path / "kl16.ckpt")
+    torch.save({"model": state}, path)
+    loaded = load_vae(f"mar:{path}", norm_groups=4)  # GroupNorm groups are not in the weights
+    assert loaded.config == VAEConfig.preset("mar-kl16", **TINY)
     assert loaded.scale_factor == 0.2325
     assert_same_model(loaded, vae)
     # top-level state with LDM training leftovers (loss.*) also loads
-    torch.save({**state, 'loss.logvar': torch.zeros(())}, path)
-    assert_same_model(load_vae(f'mar:{path}', norm_groups=4), vae)
+    torch.save({**state, "loss.logvar": torch.zeros(())}, path)
+    assert_same_model(load_vae(f"mar:{path}", norm_groups=4), vae)
 
 
 def test_ldm_decoder_order_is_reversed():
-    state = {'decoder.up.0.block.0.conv1.weight': 0, 'decoder.up.2.upsample.conv.weight': 1}
-    assert _ldm_to_diffusers(state) == {'decoder.up_blocks.2.resnets.0.conv1.weight': 0,
-                                        'decoder.up_blocks.0.upsamplers.0.conv.weight': 1}
+    state = {"decoder.up.0.block.0.conv1.weight": 0, "decoder.up.2.upsample.conv.weight": 1}
+    assert _ldm_to_diffusers(state) == {"decoder.up_blocks.2.resnets.0.conv1.weight": 0,
+                                        "decoder.up_blocks.0.upsamplers.0.conv.weight": 1}
 
 
 def test_mismatched_checkpoint_names_tensors(tmp_path):
-    vae = random_model('shapes')
-    path = str(tmp_path / 'vae.pt')
+    vae = random_model("shapes")
+    path = str(tmp_path / "vae.pt")
     save_vae(vae, path)
     ckpt = torch.load(path, weights_only=True)
-    sd = ckpt['state_dict']
-    sd['decoder.extra.weight'] = sd.pop('decoder.conv_out.weight')
-    sd['quant_conv.bias'] = torch.zeros(3)
+    sd = ckpt["state_dict"]
+    sd["decoder.extra.weight"] = sd.pop("decoder.conv_out.weight")
+    sd["quant_conv.bias"] = torch.zeros(3)
     torch.save(ckpt, path)
     with pytest.raises(ValueError) as e:
         load_vae(path)
     msg = str(e.value)
-    assert 'decoder.conv_out.weight' in msg and 'decoder.extra.weight' in msg and 'quant_conv.bias' in msg
+    assert "decoder.conv_out.weight" in msg and "decoder.extra.weight" in msg and "quant_conv.bias" in msg
 
 
 def test_parity_with_diffusers(tmp_path):
-    diffusers = pytest.importorskip('diffusers')
-    pytest.importorskip('safetensors')
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("safetensors")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(
         block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
-        down_block_types=('DownEncoderBlock2D', 'DownEncoderBlock2D', 'AttnDownEncoderBlock2D'),
-        up_block_types=('UpDecoderBlock2D',) * 3, scaling_factor=0.3).eval()
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.3).eval()
     with torch.no_grad():  # randomise everything, norms included, so no tensor can be silently skipped
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     ref.save_pretrained(str(tmp_path))
-    ours = load_vae(f'sd:{tmp_path}')
+    ours = load_vae(f"sd:{tmp_path}")
     assert ours.config.attn_levels == (2,) and ours.scale_factor == 0.3
     x = shapes_images(2, 32)
     z = torch.randn(2, 4, 8, 8)
