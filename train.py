@@ -253,7 +253,7 @@ def main(argv=None):
     result = {}
     if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
         t0 = time.time()
-        with run.ctx:
+        with run.ctx, dataset_errors():
             result = evaluate(eval_model, vae, args, device, log)
         if master:
             with open(os.path.join(args.out_dir, "eval.json"), "w") as f:

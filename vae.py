@@ -603,13 +603,19 @@ def main(argv=None):
 
     from data import build_dataset  # lazy: vae.py itself must not need data/
     # t2i examples only: every one carries a real image (in other tasks one image slot is zeros)
-    kw = dict(data_dir=args.data_dir, resolution=args.resolution, seed=args.seed, tasks={"t2i": 1.0})
-    train = build_dataset(args.dataset, split="train", **kw)
-    held_out = build_dataset(args.dataset, split="val", **kw)  # distinct seeds (and unseen pairs)
+    kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks={"t2i": 1.0})
     t0 = time.time()
-    vae = train_vae(train, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    device=args.device, config=VAEConfig.preset(args.preset), eval_dataset=held_out,
-                    kl_weight=args.kl_weight, seed=args.seed)
+    try:                            # a dataset that cannot be read is one sentence, here as in train.py
+        train = build_dataset(args.dataset, split="train", seed=args.seed, **kw)
+        try:
+            held_out = build_dataset(args.dataset, split="val", seed=args.seed, **kw)  # distinct seeds (and unseen pairs)
+        except FileNotFoundError:   # no validation split: the training split under another seed
+            held_out = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
+        vae = train_vae(train, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        device=args.device, config=VAEConfig.preset(args.preset), eval_dataset=held_out,
+                        kl_weight=args.kl_weight, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"vae.py: error: {e}") from None
     print(json.dumps({"result": "vae", "psnr_db": round(vae.psnr, 2), "seconds": round(time.time() - t0, 1),
                       "scale_factor": round(vae.scale_factor, 5), "steps": args.steps}))
 

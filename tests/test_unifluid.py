@@ -290,6 +290,15 @@ def test_tokenizers_round_trip_any_string(tok):
         assert tok.decode(ids) == s
 
 
+def test_generated_answer_words_keep_their_spaces():
+    """An answer starts with a word without its leading space ('large'); a model that repeats such a word
+    must not print 'largelargeno', while every encoded text still decodes exactly."""
+    tok = WordTokenizer.build(["large", "large", "no", "no", "what size is the circle"] * 2)
+    large, no = tok.index["large"], tok.index["no"]
+    assert tok.decode([large, large, no]) == "large large no"
+    assert tok.decode(tok.encode("large\nno")) == "large\nno" and tok.decode(tok.encode("xlarge no")) == "xlarge no"
+
+
 def test_word_tokenizer_is_short_on_captions():
     caps = ["a small red circle above a blue square", "a large green triangle"] * 5
     tok = WordTokenizer.build(caps)
