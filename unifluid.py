@@ -73,6 +73,7 @@ class Config:
     diffusion_steps: int = 1000    # training timesteps of the cosine schedule
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
     prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
+    learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
     # MAR details, off by default (README "What mattered" has the screens)
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln)
     head_pos_embed: bool = False   # learned slot position added to z before the head (MAR's diffusion_pos_embed_learned)
@@ -583,16 +584,16 @@ class ResBlock(nn.Module):
 class DiffusionHead(nn.Module):
     """The MLP that predicts the noise of one token. Its interface: token_dim, condition(z) (the decoder
     output embedded once per token), forward(x_t, t, c)."""
-    def __init__(self, token_dim, cond_dim, width, depth):
+    def __init__(self, token_dim, cond_dim, width, depth, out_dim=None):
         super().__init__()
-        self.token_dim = token_dim
+        self.token_dim = token_dim     # out_dim = 2 * token_dim with a learned variance: (eps, variance mix)
         self.t_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.c_embed = nn.Linear(cond_dim, width)
         self.x_in = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, token_dim)
+        self.out = nn.Linear(width, out_dim or token_dim)
         for m in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
             nn.init.zeros_(m.weight)   # zero-init modulation and output: the head starts as "predict 0"
             nn.init.zeros_(m.bias)
@@ -618,13 +619,25 @@ def cosine_alphas_cumprod(T, s=0.008):
 
 
 class GaussianDiffusion(nn.Module):
-    """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample."""
-    def __init__(self, head, steps=1000, prediction="eps"):
+    """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample.
+    With learn_sigma the head also outputs, per dimension, where the sampling variance lies between the
+    posterior variance and beta (improved DDPM), trained by the variational bound on a frozen mean."""
+    def __init__(self, head, steps=1000, prediction="eps", learn_sigma=False):
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}: choose eps or v")
-        self.head, self.steps, self.prediction = head, steps, prediction
-        self.register_buffer("acp", cosine_alphas_cumprod(steps).float(), persistent=False)
+        self.head, self.steps, self.prediction, self.learn_sigma = head, steps, prediction, learn_sigma
+        acp = cosine_alphas_cumprod(steps)
+        acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+        beta = 1 - acp / acp_prev
+        post_var = beta * (1 - acp_prev) / (1 - acp)
+        for name, v in dict(acp=acp, log_beta=beta.log(), post_logvar=torch.cat([post_var[1:2], post_var[1:]]).log(),
+                            mean_x0=beta * acp_prev.sqrt() / (1 - acp),            # posterior mean coefficients
+                            mean_xt=(1 - acp_prev) * (1 - beta).sqrt() / (1 - acp)).items():
+            self.register_buffer(name, v.float(), persistent=False)
+
+    def eps_from(self, out, x_t, a):   # the head's output (eps or v) -> eps
+        return (1 - a).sqrt() * x_t + a.sqrt() * out if self.prediction == "v" else out
 
     def loss(self, target, z, mul=1):  # target (n, Dt), z (n, D)
         target, z = target.repeat(mul, 1), z.repeat(mul, 1)
@@ -632,9 +645,22 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn_like(target)
         a = self.acp[t].unsqueeze(1)
         x_t = a.sqrt() * target + (1 - a).sqrt() * noise
-        if self.prediction == "v":                       # v = sqrt(a) eps - sqrt(1 - a) x0
-            noise = a.sqrt() * noise - (1 - a).sqrt() * target
-        return F.mse_loss(self.head(x_t.to(z.dtype), t, self.head.condition(z)).float(), noise.float())
+        out = self.head(x_t.to(z.dtype), t, self.head.condition(z)).float()
+        if self.learn_sigma:
+            out, mix = out.chunk(2, -1)
+        want = a.sqrt() * noise - (1 - a).sqrt() * target if self.prediction == "v" else noise   # v or eps
+        loss = F.mse_loss(out, want.float())
+        if self.learn_sigma:             # + the bound's KL term, which only the variance learns from
+            eps = self.eps_from(out.detach(), x_t, a)
+            x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+            i = t.unsqueeze(1)
+            logvar = (mix + 1) / 2 * self.log_beta[i] + (1 - mix) / 2 * self.post_logvar[i]
+            mean = self.mean_x0[i] * x0 + self.mean_xt[i] * x_t
+            true_mean, true_logvar = self.mean_x0[i] * target + self.mean_xt[i] * x_t, self.post_logvar[i]
+            kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp() + (true_mean - mean) ** 2 / logvar.exp())
+            nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 / logvar.exp())   # t = 0: decoder
+            loss = loss + torch.where(i == 0, nll, kl).mean() / math.log(2)
+        return loss
 
     @torch.no_grad()
     def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None):
@@ -654,17 +680,21 @@ class GaussianDiffusion(nn.Module):
             a, ap = acp[i], acp_prev[i]
             xin = torch.cat([x, x]) if guided else x
             eps = self.head(xin.to(z.dtype), ts[i].view(1), c).float()   # one timestep for all rows
+            if self.learn_sigma:
+                eps, mix = eps.chunk(2, -1)
+                mix = mix[:n]                                            # the conditional rows' variance
             if guided:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + cfg * (cond - uncond)
-            if self.prediction == "v":                   # the head gave v: eps = sqrt(1 - a) x_t + sqrt(a) v
-                eps = (1 - a).sqrt() * x + a.sqrt() * eps
+            eps = self.eps_from(eps, x, a)
             x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-10, 10)   # predicted clean token
             if i == 0:
                 return x0
             beta = 1 - a / ap                                            # respaced beta
             mean = (ap.sqrt() * beta * x0 + (1 - ap) * (1 - beta).sqrt() * x) / (1 - a)
             var = beta * (1 - ap) / (1 - a)                              # posterior variance
+            if self.learn_sigma:                                         # or between it and beta, learned
+                var = ((mix + 1) / 2 * beta.log() + (1 - mix) / 2 * var.log()).exp()
             x = mean + var.sqrt() * temperature * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
@@ -688,8 +718,9 @@ class UniFluid(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
         self.head_pos = nn.Parameter(torch.randn(N, D) * 0.02) if cfg.head_pos_embed else None
-        self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth),
-                                           cfg.diffusion_steps, cfg.prediction)
+        self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
+                                                         cfg.token_dim * (2 if cfg.learn_sigma else 1)),
+                                           cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma)
         if cfg.init not in ("normal", "xavier"):
             raise ValueError(f"unknown init {cfg.init!r}: choose normal or xavier")
         self.apply(self._init)

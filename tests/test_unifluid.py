@@ -207,10 +207,11 @@ def test_diffusion_head_is_zero_at_init_and_overfits():
     assert sum(losses[-20:]) / 20 < 0.4
 
 
-def test_diffusion_sampler_reproduces_a_conditional_distribution():
+@pytest.mark.parametrize("prediction,learn_sigma", [("eps", False), ("v", False), ("eps", True)])
+def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, learn_sigma):
     torch.manual_seed(0)
-    head = DiffusionHead(token_dim=2, cond_dim=2, width=128, depth=2)
-    diff = GaussianDiffusion(head)
+    head = DiffusionHead(token_dim=2, cond_dim=2, width=128, depth=2, out_dim=4 if learn_sigma else 2)
+    diff = GaussianDiffusion(head, prediction=prediction, learn_sigma=learn_sigma)
     means = torch.tensor([[1.5, -1.0], [-1.0, 0.5]])
     stds = torch.tensor([0.5, 0.15])
     conds = torch.eye(2)
@@ -259,8 +260,12 @@ def test_loss_is_weighted_sum():
     assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
 
 
-def test_tiny_preset_trains_without_nans():
-    m = tiny()
+MAR_OPTIONS = dict(img_input_ln=True, head_pos_embed=True, init="xavier", prediction="v", learn_sigma=True)
+
+
+@pytest.mark.parametrize("options", [{}, MAR_OPTIONS], ids=["default", "mar_options"])
+def test_tiny_preset_trains_without_nans(options):
+    m = tiny(**options)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     b = batch_for(m, ["t2i", "caption", "vqa", "edit"], ["a red circle", "", "what color?", "make it blue"],
                   ["", "a red circle", "red", ""])
@@ -274,6 +279,9 @@ def test_tiny_preset_trains_without_nans():
         first = first or (out["loss_text"].item(), out["loss_image"].item())
     assert out["loss_text"].item() < 0.5 * first[0]
     assert sum(p.numel() for p in m.parameters()) < 5e6
+    m.eval()
+    lat = m.generate_images(["a red circle"], num_iter=4, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
+    assert lat.shape == (1, m.cfg.latent_channels, m.cfg.latent_size, m.cfg.latent_size) and torch.isfinite(lat).all()
 
 
 # ---- tokenizers
