@@ -131,6 +131,8 @@ def build_parser():
     g.add_argument("--eval_interval", type=positive_int, default=250, help="validation losses and a checkpoint")
     g.add_argument("--sample_interval", type=positive_int, default=250, help="sample grid and captions")
     g.add_argument("--eval_n", type=positive_int, default=50, help="held-out prompts per GenEval task (2x scenes)")
+    g.add_argument("--accuracy_interval", type=non_negative(int), default=0, help="also run the held-out "
+                   "evaluation every N steps into OUT_DIR/eval_stepN.json (a curve: data/plots.py); 0 = at the end only")
     g.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt into <out_dir>/eval.json")
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
@@ -243,6 +245,8 @@ def main(argv=None):
                     pbar.write(f"step {step}: val loss image {v['val_loss_image']} | text {v['val_loss_text']}")
                     log_file.write(json.dumps(dict(step=step, **v)) + "\n")
                 save(step)
+            if runs_eval and args.accuracy_interval and step % args.accuracy_interval == 0 and step < args.max_steps:
+                write_eval(run, eval_model, f"eval_step{step}.json", master, log)
             if out["stop"]:
                 why = stop["signal"] or f"the time budget of {args.time_budget} min"
                 log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
@@ -252,13 +256,8 @@ def main(argv=None):
 
     result = {}
     if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
-        t0 = time.time()
-        with run.ctx, dataset_errors():
-            result = evaluate(eval_model, vae, args, device, log)
-        if master:
-            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-                json.dump(result, f, indent=1)
-        log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
+        names = ["eval.json"] + ([f"eval_step{step}.json"] if args.accuracy_interval else [])
+        result = write_eval(run, eval_model, names, master, log)
     if master:
         log_file.close()
         log(f"samples in {os.path.join(args.out_dir, 'samples')}, checkpoint {ckpt_path}")
@@ -925,6 +924,19 @@ def fmt_time(s):
 
 # -----------------------------------------------------------------------------
 # 8. Samples and evaluation (always with the EMA weights)
+
+
+def write_eval(run, model, names, write, log):
+    """evaluate() into OUT_DIR/<name> for each of names (a name or a list), logged; -> the result dict."""
+    t0 = time.time()
+    with run.ctx, dataset_errors():
+        result = evaluate(model, run.vae, run.args, run.device, log)
+    for name in [names] if isinstance(names, str) else names:
+        if write:
+            with open(os.path.join(run.args.out_dir, name), "w") as f:
+                json.dump(result, f, indent=1)
+    log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
+    return result
 
 
 def fixed_examples(args, n_prompts=12, n_images=6):

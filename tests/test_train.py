@@ -33,7 +33,7 @@ def read_log(out_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, vae_path):
     out = tmp_path_factory.mktemp("run")
-    result = run(out, vae_path, "--max_steps", "30", "--lr", "3e-3", "--sample_interval", "30")
+    result = run(out, vae_path, "--max_steps", "30", "--lr", "3e-3", "--sample_interval", "30", "--accuracy_interval", "20")
     return out, result
 
 
@@ -49,6 +49,9 @@ def test_tiny_run_lowers_both_losses_and_writes_its_outputs(trained):
     assert os.path.exists(out / "samples" / "step_000030.png") and os.path.exists(out / "samples" / "step_000030.txt")
     assert "model:" in (out / "samples" / "step_000030.txt").read_text()
     assert set(json.loads((out / "eval.json").read_text())) == EVAL_KEYS == set(result)
+    # --accuracy_interval 20: the evaluation along the way (a curve) and at the end
+    assert sorted(p.name for p in out.glob("eval_step*.json")) == ["eval_step20.json", "eval_step30.json"]
+    assert json.loads((out / "eval_step30.json").read_text()) == result
 
 
 def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):

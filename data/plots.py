@@ -1,0 +1,95 @@
+"""The README's two figures, drawn with Pillow only (no matplotlib), each with its table on stdout.
+
+    python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
+    python data/plots.py curve [out/curve]    # accuracy against training compute -> docs/curve.png
+
+sweep: one run per weight in SWEEP/w<weight>/eval.json (the loop in README "The trade-off").
+curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run, and its log.jsonl
+for the validation losses and the time per step.
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+LINES = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
+         ("gen/single_object", "gen: single_object", (230, 140, 40)),
+         ("caption_accuracy", "caption accuracy", (40, 90, 200)),
+         ("vqa_accuracy", "VQA accuracy", (30, 150, 60))]
+
+
+def table(rows, first):
+    """rows: [(x, eval dict)] -> a markdown table, x in the first column."""
+    print(f"| {first} | gen_accuracy | caption_accuracy | vqa_accuracy | " + " | ".join(f"gen/{t}" for t in TASKS)
+          + " | val_loss_image | val_loss_text |")
+    print("|---" * (4 + len(TASKS) + 2) + "|")
+    for x, r in rows:
+        print(f"| {x:g} | {r['gen_accuracy']:.3f} | {r['caption_accuracy']:.3f} | {r['vqa_accuracy']:.3f} | "
+              + " | ".join(f"{r['gen/' + t]:.2f}" for t in TASKS)
+              + f" | {r['val_loss_image']:.4f} | {r['val_loss_text']:.4f} |")
+
+
+def plot(rows, keys, xmax, xlabel, ticks, path):
+    """Accuracy (0..1) against x for each key of each row; ticks: [(x, label)] under the axis."""
+    W, H, L, B, T, R = 640, 400, 60, 50, 20, 190          # size and margins (left, bottom, top, right)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    px = lambda x: L + x / xmax * (W - L - R)
+    py = lambda a: H - B - a * (H - B - T)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for a in (0, 0.25, 0.5, 0.75, 1.0):
+        d.line([L - 4, py(a), L, py(a)], fill="black")
+        d.text((L - 34, py(a) - 6), f"{a:.2f}", fill="black")
+    for x, label in ticks:
+        d.line([px(x), H - B, px(x), H - B + 4], fill="black")
+        d.text((px(x) - 8, H - B + 6), label, fill="black")
+    d.text((L + 60, H - 22), xlabel, fill="black")
+    for i, (k, label, color) in enumerate(keys):
+        pts = [(px(x), py(r[k])) for x, r in rows]
+        d.line(pts, fill=color, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        d.text((W - R + 10, T + 20 + 18 * i), label, fill=color)
+    img.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def sweep(root="out/sweep"):
+    runs = sorted((float(os.path.basename(os.path.dirname(p))[1:]), json.load(open(p)))
+                  for p in glob.glob(os.path.join(root, "w*", "eval.json")))
+    if not runs:
+        raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
+    table(runs, "image_weight")
+    ticks = [(w, f"{w:g}") for w, _ in runs     # label the ticks that do not overlap
+             if w == 1 or all(abs(w - v) > 0.05 for v, _ in runs if v > w)]
+    plot(runs, [LINES[0], LINES[2], LINES[3]], 1.0, "image_weight w  (0 = understanding only, 1 = generation only)",
+         ticks, os.path.join(ROOT, "docs", "tradeoff.png"))
+
+
+def curve(run="out/curve"):
+    found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
+             for p in glob.glob(os.path.join(run, "eval_step*.json"))]
+    if not found:
+        raise SystemExit(f"no {run}/eval_step*.json: train with --accuracy_interval N first (README, Results)")
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    steps = [r for r in log if "steps_per_s" in r]
+    s_per_step = sum(1 / r["steps_per_s"] for r in steps) / len(steps)   # training time only
+    rows = sorted((step * s_per_step / 60, json.load(open(p))) for step, p in found)
+    print(f"{run}: {s_per_step:.3f} s per step (this run's log, its own threads)", file=sys.stderr)
+    table([(round(m, 1), r) for m, r in rows], "training minutes")
+    xmax = rows[-1][0] * 1.05
+    ticks = [(m, f"{m:.0f}") for m, _ in rows]
+    plot(rows, LINES, xmax, "training minutes (this run's threads; steps x time per step)", ticks,
+         os.path.join(ROOT, "docs", "curve.png"))
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what not in ("sweep", "curve"):
+        raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR]")
+    (sweep if what == "sweep" else curve)(*sys.argv[2:3])
