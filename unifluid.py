@@ -75,7 +75,9 @@ class Config:
     prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
     learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
     # MAR details, off by default (README "What mattered" has the screens)
-    img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln)
+    img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
+                                   # without it image inputs sit at ~0.1 rms next to ~2 for sqrt(d)-scaled text
+                                   # embeddings, and the trunk barely uses the tokens already drawn (README)
     head_pos_embed: bool = False   # learned slot position added to z before the head (MAR's diffusion_pos_embed_learned)
     init: str = "normal"           # Linear weights: "normal" (std 0.02, GPT/Gemma) or "xavier" (MAR's xavier_uniform)
     # training-time behaviour
@@ -118,25 +120,27 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters
     "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=256, vit_width=32,
                  vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
-    # the CPU quickstart (~4M parameters, 16 tokens of 16 dims: what 2 cores train in ~15 min). Mask ratios near
+    # the CPU quickstart: 1.8M parameters, 16 tokens of 16 dims, sized for what 2 cores train in ~15 min
+    # (README, Results: at equal CPU time this width beats d 192 with a 256-wide head). Mask ratios near
     # uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show the model more
     # than 4 known tokens, while sampling conditions on up to 15 (README: generation 0.07 -> 0.14)
-    "small": dict(mask_ratio_min=0.0, mask_ratio_std=1.0),
+    "small": dict(d_model=128, d_ff=512, head_dim=32, head_width=128, img_input_ln=True,
+                  mask_ratio_min=0.0, mask_ratio_std=1.0),
     # one GPU, a few hundred M parameters, 64 px images
     "base": dict(n_layer=16, d_model=1024, n_head=8, n_kv_head=4, head_dim=128, d_ff=4096,
                  image_size=64, vit_patch=8, vit_width=384, vit_layers=6, vit_heads=6, vit_mlp=1536,
-                 latent_size=16, head_width=1024, head_depth=6, max_text_len=48),
+                 latent_size=16, head_width=1024, head_depth=6, max_text_len=48, img_input_ln=True),
     # real Gemma shapes (text decoder exactly as released; image parts sized like MAR-B)
     "gemma2-2b": dict(vocab_size=256_000, n_layer=26, d_model=2304, n_head=8, n_kv_head=4, head_dim=256,
                       d_ff=9216, query_scale=256, qk_norm=False, attn_softcap=50.0, final_softcap=30.0,
                       sliding_window=4096, global_every=2, image_size=256, vit_patch=16, vit_width=768,
                       vit_layers=12, vit_heads=12, vit_mlp=3072, latent_size=16, latent_channels=16,
-                      patch_size=1, head_width=1024, head_depth=6, max_text_len=128),
+                      patch_size=1, head_width=1024, head_depth=6, max_text_len=128, img_input_ln=True),
     "gemma3-1b": dict(vocab_size=262_144, n_layer=26, d_model=1152, n_head=4, n_kv_head=1, head_dim=256,
                       d_ff=6912, query_scale=256, rope_base=1_000_000.0, sliding_window=512,
                       global_every=6, image_size=256, vit_patch=16, vit_width=768, vit_layers=12,
                       vit_heads=12, vit_mlp=3072, latent_size=16, latent_channels=16, patch_size=1,
-                      head_width=1024, head_depth=6, max_text_len=128),
+                      head_width=1024, head_depth=6, max_text_len=128, img_input_ln=True),
 }
 
 # -----------------------------------------------------------------------------
