@@ -1,11 +1,12 @@
 """The README's two figures, drawn with Pillow only (no matplotlib), each with its table on stdout.
 
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
-    python data/plots.py curve [out/curve]    # accuracy against training compute -> docs/curve.png
+    python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
 
 sweep: one run per weight in SWEEP/w<weight>/eval.json (the loop in README "The trade-off").
-curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run, and its log.jsonl
-for the validation losses and the time per step.
+curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
+training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
+step time in the run's log.jsonl.
 """
 import glob
 import json
@@ -71,20 +72,21 @@ def sweep(root="out/sweep"):
          ticks, os.path.join(ROOT, "docs", "tradeoff.png"))
 
 
-def curve(run="out/curve"):
+def curve(run="out/curve", s_per_step=None):
     found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
              for p in glob.glob(os.path.join(run, "eval_step*.json"))]
     if not found:
         raise SystemExit(f"no {run}/eval_step*.json: train with --accuracy_interval N first (README, Results)")
-    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-    steps = [r for r in log if "steps_per_s" in r]
-    s_per_step = sum(1 / r["steps_per_s"] for r in steps) / len(steps)   # training time only
+    if s_per_step is None:               # the training time per step in the run's log
+        log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        s_per_step = sum(1 / r["steps_per_s"] for r in log if "steps_per_s" in r) / sum("steps_per_s" in r for r in log)
+    s_per_step = float(s_per_step)
     rows = sorted((step * s_per_step / 60, json.load(open(p))) for step, p in found)
-    print(f"{run}: {s_per_step:.3f} s per step (this run's log, its own threads)", file=sys.stderr)
+    print(f"{run}: {s_per_step:.3f} s per step", file=sys.stderr)
     table([(round(m, 1), r) for m, r in rows], "training minutes")
     xmax = rows[-1][0] * 1.05
     ticks = [(m, f"{m:.0f}") for m, _ in rows]
-    plot(rows, LINES, xmax, "training minutes (this run's threads; steps x time per step)", ticks,
+    plot(rows, LINES, xmax, f"training minutes ({s_per_step:.2f} s per step)", ticks,
          os.path.join(ROOT, "docs", "curve.png"))
 
 
@@ -92,4 +94,4 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in ("sweep", "curve"):
         raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR]")
-    (sweep if what == "sweep" else curve)(*sys.argv[2:3])
+    (sweep if what == "sweep" else curve)(*sys.argv[2:4])
