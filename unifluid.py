@@ -74,7 +74,7 @@ class Config:
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
     prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
     learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
-    # MAR details, off by default (README "What mattered" has the screens)
+    # MAR details, each screened at small scale (README, Results: "What mattered")
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
                                    # without it image inputs sit at ~0.1 rms next to ~2 for sqrt(d)-scaled text
                                    # embeddings, and the trunk barely uses the tokens already drawn (README)
