@@ -96,9 +96,6 @@ def load(args):
     try:                                 # weights_only: a checkpoint from elsewhere cannot run code
         ckpt = torch_load(path)
         model = UniFluid.from_checkpoint(ckpt, ema=args.ema).to(device)
-        if ":" not in ckpt["vae"][:4] and not os.path.exists(ckpt["vae"]):
-            fail(f"the VAE of {path}, {ckpt['vae']}, is missing: put it back, or retrain it with "
-                 f"`python vae.py --out_dir {os.path.dirname(ckpt['vae'])}`")
         vae = load_vae(ckpt["vae"], device)
     except Exception as e:
         fail(f"cannot load checkpoint {path}: {e}")

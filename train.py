@@ -246,7 +246,7 @@ def main(argv=None):
                     log_file.write(json.dumps(dict(step=step, **v)) + "\n")
                 save(step)
             if runs_eval and args.accuracy_interval and step % args.accuracy_interval == 0 and step < args.max_steps:
-                write_eval(run, eval_model, f"eval_step{step}.json", master, log)
+                write_eval(run, eval_model, [f"eval_step{step}.json"], master, log)
             if out["stop"]:
                 why = stop["signal"] or f"the time budget of {args.time_budget} min"
                 log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
@@ -397,7 +397,7 @@ def build_run(args, device, ddp, local_rank, world, log):
     if ckpt is not None:
         weights = ckpt["model"] if args.init_from == "resume" or ckpt.get("ema") is None else ckpt["ema"]
         try:
-            load_weights(model, weights, args.init_from)
+            model.load_weights(weights)
         except ValueError as e:
             raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
     else:                                # the decoder and/or the ViT from Hugging Face weights
@@ -671,20 +671,7 @@ def load_checkpoint(path_or_dir, device="cpu", ema=True):
         model = UniFluid.from_checkpoint(ckpt, ema)
     except ValueError as e:
         raise ValueError(f"{checkpoint_path(path_or_dir)}: {e}") from None
-    tokenizer = model.tokenizer
-    spec = ckpt["vae"]
-    if ":" not in spec[:4] and not os.path.exists(spec):
-        raise FileNotFoundError(f"the checkpoint's VAE {spec} is missing: put it back or retrain it "
-                                f"(python vae.py --out_dir {os.path.dirname(spec)})")
-    return model.to(device).eval(), load_vae(spec, device), tokenizer, ckpt
-
-
-def load_weights(model, weights, path):
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not match the checkpoint's own config "
-                         f"({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), load_vae(ckpt["vae"], device), model.tokenizer, ckpt
 
 
 def rng_state():
@@ -927,11 +914,11 @@ def fmt_time(s):
 
 
 def write_eval(run, model, names, write, log):
-    """evaluate() into OUT_DIR/<name> for each of names (a name or a list), logged; -> the result dict."""
+    """evaluate() into OUT_DIR/<name> for each of names, logged; -> the result dict."""
     t0 = time.time()
     with run.ctx, dataset_errors():
         result = evaluate(model, run.vae, run.args, run.device, log)
-    for name in [names] if isinstance(names, str) else names:
+    for name in names:
         if write:
             with open(os.path.join(run.args.out_dir, name), "w") as f:
                 json.dump(result, f, indent=1)

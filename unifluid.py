@@ -644,6 +644,10 @@ class GaussianDiffusion(nn.Module):
     def eps_from(self, out, x_t, a):   # the head's output (eps or v) -> eps
         return (1 - a).sqrt() * x_t + a.sqrt() * out if self.prediction == "v" else out
 
+    @staticmethod
+    def learned_logvar(mix, log_beta, log_posterior):   # mix in [-1, 1]: posterior variance (-1) to beta (1)
+        return (mix + 1) / 2 * log_beta + (1 - mix) / 2 * log_posterior
+
     def loss(self, target, z, mul=1):  # target (n, Dt), z (n, D)
         target, z = target.repeat(mul, 1), z.repeat(mul, 1)
         t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
@@ -659,7 +663,7 @@ class GaussianDiffusion(nn.Module):
             eps = self.eps_from(out.detach(), x_t, a)
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
             i = t.unsqueeze(1)
-            logvar = (mix + 1) / 2 * self.log_beta[i] + (1 - mix) / 2 * self.post_logvar[i]
+            logvar = self.learned_logvar(mix, self.log_beta[i], self.post_logvar[i])
             mean = self.mean_x0[i] * x0 + self.mean_xt[i] * x_t
             true_mean, true_logvar = self.mean_x0[i] * target + self.mean_xt[i] * x_t, self.post_logvar[i]
             kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp() + (true_mean - mean) ** 2 / logvar.exp())
@@ -699,7 +703,7 @@ class GaussianDiffusion(nn.Module):
             mean = (ap.sqrt() * beta * x0 + (1 - ap) * (1 - beta).sqrt() * x) / (1 - a)
             var = beta * (1 - ap) / (1 - a)                              # posterior variance
             if self.learn_sigma:                                         # or between it and beta, learned
-                var = ((mix + 1) / 2 * beta.log() + (1 - mix) / 2 * var.log()).exp()
+                var = self.learned_logvar(mix, beta.log(), var.log()).exp()
             x = mean + var.sqrt() * temperature * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
@@ -755,11 +759,15 @@ class UniFluid(nn.Module):
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"written by another version of unifluid.py: its config does not fit this code "
                              f"({type(e).__name__}: {e})") from None
+        model.load_weights(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+        return model
+
+    def load_weights(self, weights):
+        """load_state_dict, or ValueError (one sentence) when the weights do not fit this config."""
         try:
-            model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+            self.load_state_dict(weights)
         except RuntimeError as e:
             raise ValueError(f"the weights do not match the checkpoint's own config ({str(e).splitlines()[0]})") from None
-        return model
 
     # ---- sequence layout (the three layouts at the top of this file): left-padded, so image blocks and answers end each row
 

@@ -283,6 +283,9 @@ def load_vae(spec, device="cpu", **overrides):
         state = _ldm_to_diffusers(ckpt.get("model", ckpt.get("state_dict", ckpt)))
         cfg = {**_infer_config(state), "scale_factor": 0.2325}  # MAR's KL-16 factor
     else:
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"no VAE at {spec}: put it back, or train one with "
+                                    f"`python vae.py --out_dir {os.path.dirname(spec) or '.'}`")
         ckpt = torch_load(spec)
         if not isinstance(ckpt, dict) or "config" not in ckpt:
             raise ValueError(f"{spec!r} is not a save_vae checkpoint; for external weights use "
