@@ -59,6 +59,7 @@ from vae import save_grid
 
 TASKS = ("t2i", "caption", "vqa", "edit")
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
+PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs
 
 # -----------------------------------------------------------------------------
 # 1. Flags
@@ -195,8 +196,7 @@ def main(argv=None):
     if run.start_step:
         log(f"resuming at step {run.start_step}: skipping the {run.start_step * run.global_batch} examples already seen")
     with dataset_errors():
-        run.streams = [ShardStream(args, "train", s, args.grad_accum, run.start_step * args.batch_size, run.mix)
-                       for s in run.shards]
+        run.streams = [TaskStreams(args, s, args.grad_accum, run.start_step, run.rows) for s in run.shards]
         if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
             vbatches = val_batches(args, raw_model, vae, device)
@@ -305,20 +305,19 @@ def accumulate_gradients(run, step):
     stats = torch.zeros(4, device=device)
     for m, (shard, stream) in enumerate(zip(run.shards, run.streams)):
         seed = step_seed(args.seed, step, shard)
-        torch.manual_seed(seed)                                    # the diffusion head's noise and timesteps
-        g_cpu = torch.Generator().manual_seed(seed)                # CFG prompt dropout
-        g_dev = torch.Generator(device).manual_seed(seed) if device.type != "cpu" else g_cpu   # masking
+        torch.manual_seed(seed)          # masking, the diffusion head's noise and timesteps (no generator
+        g_cpu = torch.Generator().manual_seed(seed)   # object goes into the model: torch.compile breaks on one)
         with dataset_errors():           # e.g. every sample of the shard is bad: one sentence, no traceback
             examples = stream.take(args.batch_size)
         with run.ctx:
-            batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout)
+            batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout, run.pad_multiple)
         last = m == run.per_rank - 1
         if run.ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
             run.raw_model.set_requires_gradient_sync(last)
         elif run.ddp:                    # all-reduce gradients only after the last micro-batch
             model.require_backward_grad_sync = last
         with run.ctx:
-            out = model(batch, generator=g_dev)
+            out = model(batch)
         (out["loss"] / run.per_rank).backward()     # DDP then averages over processes: the global mean
         stats += torch.stack([out["loss"].detach().float(), out["loss_image"].float(), out["loss_text"].float(),
                               (batch["kind"] != 0).sum().float()])
@@ -372,7 +371,8 @@ def build_run(args, device, ddp, local_rank, world, log):
     args.grad_accum = args.grad_accum or world
     if args.grad_accum % world:
         raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    mix = task_mix(args)
+    rows = rows_per_task(task_mix(args), args.batch_size)
+    mix = {t: n / args.batch_size for t, n in rows.items()}
     gemma, siglip = (None, None) if ckpt is not None else read_pretrained(args)   # (config.json, tensors) each
     if ckpt is None:
         vit_size = siglip_config(siglip[0])["image_size"] if siglip else 0
@@ -430,11 +430,12 @@ def build_run(args, device, ddp, local_rank, world, log):
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     raw_model, cfg = model, model.cfg    # the config with vocab_size set from the tokenizer
-    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if compiled:                         # static shapes: one graph per padded length (README, Performance)
         if device.type == "cuda":
             model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
-        log("compiling the model (first steps are slow)")
-        model = torch.compile(model)
+        log(f"compiling the model: one graph per sequence length (a multiple of {PAD_MULTIPLE}); the first steps are slow")
+        model = torch.compile(model, dynamic=False)
     if ddp and not args.fsdp:            # find_unused: a micro-batch without some task leaves its parts unused
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
 
@@ -444,13 +445,13 @@ def build_run(args, device, ddp, local_rank, world, log):
     n = lambda part=None: f"{raw_model.num_params(part) / 1e6:.2f}M"
     log(f"model: {args.model}, {n()} params (decoder {n('llm')}, head {n('head')}, vit {n('vision')}), "
         f"{cfg.num_image_tokens} image tokens of {cfg.token_dim} dims, vocab {cfg.vocab_size}, order {cfg.order}")
-    log(f"data: {args.dataset} {args.resolution}px, tasks {', '.join(f'{t} {s:.2f}' for t, s in mix.items())}; "
+    log(f"data: {args.dataset} {args.resolution}px, rows per micro-batch {', '.join(f'{t} {n}' for t, n in rows.items())}; "
         f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} micro-batches over {world} process(es)")
     log(f"device: {device} {str(dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
         f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
     return SimpleNamespace(args=args, device=device, ddp=ddp, world=world, model=model, raw_model=raw_model,
                            ema_model=ema_model, optimizer=optimizer, vae=vae, vae_spec=vae_spec, tokenizer=tokenizer,
-                           cfg=cfg, ctx=ctx, mix=mix, per_rank=args.grad_accum // world, global_batch=global_batch,
+                           cfg=cfg, ctx=ctx, rows=rows, pad_multiple=PAD_MULTIPLE if compiled else 1, per_rank=args.grad_accum // world, global_batch=global_batch,
                            flops_per_step=flops_per_step, peak=peak, start_step=start_step, bad_total=bad_total)
 
 
@@ -753,11 +754,11 @@ class ShardStream:
     """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
     A dataset without a validation split validates on its training split with another seed."""
 
-    def __init__(self, args, split, shard, n_shards, start=0, tasks=None):
+    def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
         from data import build_dataset
         kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards)
         try:
-            self.ds = build_dataset(args.dataset, split=split, seed=args.seed, **kw)
+            self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
         except FileNotFoundError:
             if split == "train":
                 raise
@@ -789,7 +790,41 @@ class ShardStream:
         return sum(c for r, c in getattr(self.ds, "stats", {}).items() if r != "samples")
 
 
-def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
+class TaskStreams:
+    """The examples of one micro-batch shard with a fixed number of rows per task, grouped by task: one
+    ShardStream per task (each with its own seed), so every step's batch has the same shape and the
+    compiled step is built once (torch.compile), and the task mix holds in every micro-batch."""
+
+    def __init__(self, args, shard, n_shards, start_step, rows):
+        self.rows = rows
+        self.streams = {t: ShardStream(args, "train", shard, n_shards, start_step * n, {t: 1.0}, args.seed + 101 * k)
+                        for k, (t, n) in enumerate(rows.items())}
+
+    def take(self, n):
+        assert n == sum(self.rows.values())
+        return [e for t, s in self.streams.items() for e in s.take(self.rows[t])]
+
+    def skipped(self):
+        return sum(s.skipped() for s in self.streams.values())
+
+
+def rows_per_task(mix, n):
+    """Rows of each task in a micro-batch of n: the shares rounded to sum to n (largest remainder), at
+    least one row per task with a share."""
+    if n < len(mix):
+        raise SystemExit(f"train.py: error: --batch_size {n} cannot hold a row of each of the {len(mix)} tasks "
+                         f"({', '.join(mix)}): raise --batch_size or drop a task")
+    exact = {t: s * n for t, s in mix.items()}
+    rows = {t: max(1, int(x)) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: int(exact[t]) - exact[t]):      # largest remainder first
+        if sum(rows.values()) < n:
+            rows[t] += 1
+    while sum(rows.values()) > n:                                        # the max(1, .) took too many
+        rows[max(rows, key=rows.get)] -= 1
+    return rows
+
+
+def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1):
     """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
     unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`)."""
     cfg = model.cfg
@@ -807,7 +842,7 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0):
         gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
         gen_tokens[gen_rows] = tok
     und = torch.stack([e["input_image"] for e in examples])
-    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und)
+    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------

@@ -439,14 +439,18 @@ def attention_mask(kind, segment=None, order="random", window=0):
 
 def flex_attention_fn(kind, segment=None, order="random", window=0):
     """The same mask as a FlexAttention block mask (GPU): blocks that are fully masked are skipped
-    and no (B, T, T) tensor is materialised. Returns attn(q, k, v, scale)."""
+    and no (B, T, T) tensor is materialised. Returns attn(q, k, v, scale). The mask reads only kind and
+    segment: within one example each kind of image slot forms one block, so "same block" is "same
+    bidirectional kind" (and a tensor computed in the graph, like block_ids, fails to compile on CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     B, T = kind.shape
-    blk, valid = block_ids(kind, order), kind != KIND_PAD
-    seg = segment if segment is not None else torch.zeros_like(kind)
 
     def mask_mod(b, h, q, k):
-        ok = ((q >= k) | ((blk[b, q] == blk[b, k]) & (blk[b, q] > 0))) & valid[b, k] & (seg[b, q] == seg[b, k])
+        kq = kind[b, q]
+        bidir = ((kq == KIND_UND) | (kq == KIND_GEN)) if order == "random" else kq == KIND_UND
+        ok = ((q >= k) | (bidir & (kind[b, k] == kq))) & (kind[b, k] != KIND_PAD)
+        if segment is not None:
+            ok = ok & (segment[b, q] == segment[b, k])
         if window > 0:
             ok = ok & (q - k < window) & (k - q < window)
         return ok | (q == k)
@@ -532,11 +536,11 @@ def unpatchify(tokens, p, C):
 
 
 def sample_mask_ratio(generator=None, device="cpu", low=0.7, std=0.25):
-    """Truncated normal centred at 1.0, on [low, 1.0] (MAR: low 0.7, std 0.25), one ratio per step."""
-    while True:
-        r = 1.0 + std * torch.randn((), generator=generator, device=device).item()
-        if low <= r <= 1.0:
-            return r
+    """Truncated normal centred at 1.0, on [low, 1.0] (MAR: low 0.7, std 0.25), one ratio per step.
+    Drawn by inverting the normal CDF on [cdf(low), cdf(1)], so it stays a tensor: no loop, no host sync."""
+    lo = torch.special.ndtr(torch.tensor((low - 1.0) / std, device=device))
+    u = lo + (0.5 - lo) * torch.rand((), generator=generator, device=device)
+    return (1.0 + std * torch.special.ndtri(u)).clamp(low, 1.0)
 
 
 def random_orders(B, N, generator=None, device="cpu"):
@@ -544,9 +548,9 @@ def random_orders(B, N, generator=None, device="cpu"):
 
 
 def mask_by_order(num_masked, orders):
-    """Mask (True) the first num_masked slots of each permutation."""
-    mask = torch.zeros_like(orders, dtype=torch.bool)
-    return mask.scatter(1, orders[:, :num_masked], True)
+    """Mask (True) the first num_masked slots of each permutation (num_masked: int or 0-d tensor)."""
+    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(orders.shape[1], device=orders.device).expand_as(orders))
+    return rank < num_masked
 
 
 def mean_mask_ratio(low=0.7, std=0.25):
@@ -558,8 +562,8 @@ def mean_mask_ratio(low=0.7, std=0.25):
 
 
 def random_masking(B, N, generator=None, device="cpu", low=0.7, std=0.25):
-    """Training mask: per example a random permutation, per step a ratio in [low, 1]."""
-    num_masked = max(1, math.ceil(N * sample_mask_ratio(generator, device, low, std)))
+    """Training mask: per example a random permutation, per step a ratio in [low, 1] (at least one slot)."""
+    num_masked = torch.ceil(N * sample_mask_ratio(generator, device, low, std)).clamp(min=1)
     return mask_by_order(num_masked, random_orders(B, N, generator, device))
 
 # -----------------------------------------------------------------------------
@@ -648,17 +652,26 @@ class GaussianDiffusion(nn.Module):
     def learned_logvar(mix, log_beta, log_posterior):   # mix in [-1, 1]: posterior variance (-1) to beta (1)
         return (mix + 1) / 2 * log_beta + (1 - mix) / 2 * log_posterior
 
-    def loss(self, target, z, mul=1):  # target (n, Dt), z (n, D)
+    def loss(self, target, z, mul=1, weight=None):
+        """target (n, Dt), z (n, D) -> the mean loss over the n tokens, or over those with weight 1 (n,).
+        Each token is used mul times, with independent timesteps and noise. Eager, only the weighted tokens
+        go through the head; under torch.compile all do, weighted 0/1, so no shape depends on the data.
+        Both draw the same random numbers and give the same loss."""
         target, z = target.repeat(mul, 1), z.repeat(mul, 1)
         t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
         noise = torch.randn_like(target)
+        if weight is not None:
+            weight = weight.float().repeat(mul)
+            if not torch.compiler.is_compiling():
+                keep = weight > 0
+                target, z, t, noise, weight = target[keep], z[keep], t[keep], noise[keep], None
         a = self.acp[t].unsqueeze(1)
         x_t = a.sqrt() * target + (1 - a).sqrt() * noise
         out = self.head(x_t.to(z.dtype), t, self.head.condition(z)).float()
         if self.learn_sigma:
             out, mix = out.chunk(2, -1)
         want = a.sqrt() * noise - (1 - a).sqrt() * target if self.prediction == "v" else noise   # v or eps
-        loss = F.mse_loss(out, want.float())
+        loss = (out - want.float()).pow(2).mean(1)                                               # per token
         if self.learn_sigma:             # + the bound's KL term, which only the variance learns from
             eps = self.eps_from(out.detach(), x_t, a)
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
@@ -668,8 +681,8 @@ class GaussianDiffusion(nn.Module):
             true_mean, true_logvar = self.mean_x0[i] * target + self.mean_xt[i] * x_t, self.post_logvar[i]
             kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp() + (true_mean - mean) ** 2 / logvar.exp())
             nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 / logvar.exp())   # t = 0: decoder
-            loss = loss + torch.where(i == 0, nll, kl).mean() / math.log(2)
-        return loss
+            loss = loss + torch.where(i == 0, nll, kl).mean(1) / math.log(2)
+        return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp(min=1)
 
     @torch.no_grad()
     def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None):
@@ -785,20 +798,22 @@ class UniFluid(nn.Module):
         targets = [-100] * (len(und) + len(p) + 1) + a + [-100]        # position t predicts token t+1
         return [s[0] for s in seq], [s[1] for s in seq], targets
 
-    def make_batch(self, tasks, prompts, answers=None, gen_tokens=None, und_images=None):
+    def make_batch(self, tasks, prompts, answers=None, gen_tokens=None, und_images=None, pad_multiple=1):
         """Left-pad the rows of a mixed batch into tensors. gen_tokens (B, N, Dt) and und_images
-        (B, 3, H, W) are indexed by row; rows that do not use them may hold anything."""
+        (B, 3, H, W) are indexed by row; rows that do not use them may hold anything. The length is
+        rounded up to a multiple of pad_multiple (train.py: 16 under torch.compile, so that a few
+        lengths, not every one, get their own compiled graph). gen_rows: the rows with an image block."""
         answers = answers or [""] * len(tasks)
         rows = [self.layout(t, p, a) for t, p, a in zip(tasks, prompts, answers)]
-        T = max(len(r[0]) for r in rows)
+        T = -(-max(len(r[0]) for r in rows) // pad_multiple) * pad_multiple
         pad = lambda xs, v: [v] * (T - len(xs)) + xs
         batch = dict(ids=torch.tensor([pad(r[0], PAD) for r in rows]),
                      kind=torch.tensor([pad(r[1], KIND_PAD) for r in rows]),
                      targets=torch.tensor([pad(r[2], -100) for r in rows]))
-        gen_rows = torch.tensor([t in ("t2i", "edit") for t in tasks])
+        gen_rows = torch.tensor([i for i, t in enumerate(tasks) if t in ("t2i", "edit")], dtype=torch.long)
         und_rows = torch.tensor([t in ("caption", "vqa", "edit") for t in tasks])
-        if gen_rows.any() and gen_tokens is not None:
-            batch["gen_tokens"] = gen_tokens[gen_rows]
+        if len(gen_rows) and gen_tokens is not None:
+            batch["gen_tokens"], batch["gen_rows"] = gen_tokens[gen_rows], gen_rows
         if und_rows.any() and und_images is not None:
             batch["und_images"] = und_images[und_rows]
         return batch
@@ -865,15 +880,20 @@ class UniFluid(nn.Module):
             gen_in = self.gen_inputs(tokens, img_mask)
         h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind, batch.get("segment")),
                      self.masks(kind, batch.get("segment"), self.attn_impl))
+        # The positions that carry a loss. Eager: gathered (the least work). Under torch.compile: all of them,
+        # weighted 0/1, so that no shape depends on the data and the graph never breaks (the same loss).
         zero = h.sum() * 0.0                                     # keeps the graph when a task is absent
         loss_text, loss_image = zero, zero
         sel = targets != -100
-        if sel.any():                                            # logits only where there is a target
-            logits = self.llm.logits(h[sel]).float()
-            loss_text = F.cross_entropy(logits, targets[sel])
-        if gen_in is not None:
-            z = self.head_condition(h[kind == KIND_GEN].view(tokens.shape[0], tokens.shape[1], -1))
-            loss_image = self.diffusion.loss(tokens[img_mask], z[img_mask], cfg.diffusion_batch_mul)
+        if torch.compiler.is_compiling():
+            ce = F.cross_entropy(self.llm.logits(h).float().flatten(0, 1), targets.flatten(), reduction="none")
+            loss_text = ce.sum() / sel.sum().clamp(min=1)        # ignored targets (-100) add 0
+        elif sel.any():                                          # logits only where there is a target
+            loss_text = F.cross_entropy(self.llm.logits(h[sel]).float(), targets[sel])
+        if gen_in is not None:                                   # gen slots: the last N positions of gen rows
+            z = self.head_condition(h[batch["gen_rows"], -tokens.shape[1]:])
+            loss_image = self.diffusion.loss(tokens.flatten(0, 1), z.flatten(0, 1), cfg.diffusion_batch_mul,
+                                             weight=img_mask.flatten())    # the masked slots (all in raster order)
         return dict(loss=w * loss_image + (1 - w) * loss_text, loss_image=loss_image.detach(),
                     loss_text=loss_text.detach())
 

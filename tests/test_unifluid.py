@@ -172,17 +172,19 @@ def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
     m = tiny()
     b = batch_for(m, ["t2i", "t2i"], ["a", "b"])
     seen = {}
-    original = m.diffusion.loss
+    original, head = m.diffusion.loss, m.diffusion.head.forward
 
-    def spy(target, z, mul=1):
-        seen["target"] = target
-        return original(target, z, mul)
+    def spy(target, z, mul=1, weight=None):
+        seen["target"], seen["weight"] = target, weight
+        return original(target, z, mul, weight)
     monkeypatch.setattr(m.diffusion, "loss", spy)
+    monkeypatch.setattr(m.diffusion.head, "forward", lambda x, t, c: seen.setdefault("rows", x.shape[0]) and head(x, t, c))
     g = torch.Generator().manual_seed(3)
     m(b, generator=g)
     mask = random_masking(2, N, torch.Generator().manual_seed(3))
-    assert seen["target"].shape[0] == int(mask.sum())
-    assert torch.equal(seen["target"], b["gen_tokens"][mask])
+    assert torch.equal(seen["target"], b["gen_tokens"].flatten(0, 1))
+    assert torch.equal(seen["weight"], mask.flatten())                # the loss counts the masked slots only
+    assert seen["rows"] == int(mask.sum()) * m.cfg.diffusion_batch_mul   # and eager, only they reach the head
 
 
 # ---- the diffusion head
