@@ -332,13 +332,17 @@ def log_step(run, step, stop_step, out, meter, elapsed, log_file, write):
                 mfu=run.flops_per_step * steps_per_s / (run.peak * run.world), elapsed_s=elapsed,
                 eta_s=(stop_step - step) / steps_per_s, skipped=run.bad_total,
                 data_skipped=sum(s.skipped() for s in run.streams))
+    if run.compiled:                     # once warm, the graph count stays put and no graph breaks
+        from torch._dynamo.utils import counters
+        last.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     log_file.write(json.dumps(last) + "\n")
     log_file.flush()
     write(f"step {step}/{stop_step} | loss {out['loss']:.4f} | img {out['loss_image']:.4f} | txt "
           f"{out['loss_text']:.4f} | lr {out['lr']:.2e} | gnorm {out['grad_norm']:.3f} | "
           f"{last['tokens_per_s'] / 1e3:.1f}k tok/s | {steps_per_s:.2f} it/s | MFU {100 * last['mfu']:.1f}% | "
           f"{fmt_time(elapsed)} elapsed, eta {fmt_time(last['eta_s'])}"
-          + (f" | {last['data_skipped']} bad samples skipped" if last["data_skipped"] else ""))
+          + (f" | {last['data_skipped']} bad samples skipped" if last["data_skipped"] else "")
+          + (f" | {last['graphs']} graphs compiled, {last['graph_breaks']} graph breaks" if run.compiled else ""))
     meter.update(time=0.0, steps=0, tokens=0.0)
     return last
 
@@ -451,8 +455,9 @@ def build_run(args, device, ddp, local_rank, world, log):
         f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
     return SimpleNamespace(args=args, device=device, ddp=ddp, world=world, model=model, raw_model=raw_model,
                            ema_model=ema_model, optimizer=optimizer, vae=vae, vae_spec=vae_spec, tokenizer=tokenizer,
-                           cfg=cfg, ctx=ctx, rows=rows, pad_multiple=PAD_MULTIPLE if compiled else 1, per_rank=args.grad_accum // world, global_batch=global_batch,
-                           flops_per_step=flops_per_step, peak=peak, start_step=start_step, bad_total=bad_total)
+                           cfg=cfg, ctx=ctx, rows=rows, compiled=compiled, pad_multiple=PAD_MULTIPLE if compiled else 1,
+                           per_rank=args.grad_accum // world, global_batch=global_batch, flops_per_step=flops_per_step,
+                           peak=peak, start_step=start_step, bad_total=bad_total)
 
 
 def flags_from_checkpoint(args, log):
