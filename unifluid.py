@@ -549,8 +549,8 @@ def random_orders(B, N, generator=None, device="cpu"):
 
 def mask_by_order(num_masked, orders):
     """Mask (True) the first num_masked slots of each permutation (num_masked: int or 0-d tensor)."""
-    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(orders.shape[1], device=orders.device).expand_as(orders))
-    return rank < num_masked
+    ranks = torch.arange(orders.shape[1], device=orders.device).expand_as(orders)
+    return torch.empty_like(orders).scatter_(1, orders, ranks) < num_masked     # slot -> its place in the order
 
 
 def mean_mask_ratio(low=0.7, std=0.25):
