@@ -97,3 +97,20 @@ def test_train_py_compiled_run_logs_graphs_and_breaks(fresh_dynamo, tmp_path, ca
                 "--diffusion_steps", "2", "--compile", "on", "--vae", vae_path, "--out_dir", str(tmp_path / "run")])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 4/4 |")]
     assert lines and "graphs compiled, 0 graph breaks" in lines[0], lines
+
+
+def test_generation_and_captioning_under_compile_give_the_eager_outputs(fresh_dynamo):
+    """Sampling is compiled method by method (its shapes change every reveal step and with the KV cache,
+    so graphs may break there; train.py and sample.py sample eagerly): the same tokens and logits."""
+    model = tiny().eval()
+    with torch.no_grad():                # an untrained head outputs exactly 0 and flat logits: make both matter
+        for p in model.diffusion.parameters():
+            p.normal_(0, 0.05)
+        model.llm.embed_tokens.weight.normal_(0, 0.2)
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref_text, ref_logits = model.generate_text(img, ["", "what color"], max_new_tokens=6, return_logits=True)
+    text, logits = torch.compile(model.generate_text)(img, ["", "what color"], max_new_tokens=6, return_logits=True)
+    assert text == ref_text and (logits - ref_logits).abs().max() < 1e-4
+    gen = lambda f: f(["a red circle", "two"], num_iter=2, diffusion_steps=3, generator=torch.Generator().manual_seed(0))
+    ref_images, images = gen(model.generate_images), gen(torch.compile(model.generate_images))
+    assert ref_images.abs().max() > 0 and (images - ref_images).abs().max() < 1e-4
