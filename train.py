@@ -310,7 +310,8 @@ def accumulate_gradients(run, step):
         with dataset_errors():           # e.g. every sample of the shard is bad: one sentence, no traceback
             examples = stream.take(args.batch_size)
         with run.ctx:
-            batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout, run.pad_multiple)
+            batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout,
+                                 PAD_MULTIPLE if run.compiled else 1)
         last = m == run.per_rank - 1
         if run.ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
             run.raw_model.set_requires_gradient_sync(last)
@@ -455,9 +456,9 @@ def build_run(args, device, ddp, local_rank, world, log):
         f"{flops_per_step / 1e9:.1f} GFLOP per step; image_weight {cfg.image_weight}")
     return SimpleNamespace(args=args, device=device, ddp=ddp, world=world, model=model, raw_model=raw_model,
                            ema_model=ema_model, optimizer=optimizer, vae=vae, vae_spec=vae_spec, tokenizer=tokenizer,
-                           cfg=cfg, ctx=ctx, rows=rows, compiled=compiled, pad_multiple=PAD_MULTIPLE if compiled else 1,
-                           per_rank=args.grad_accum // world, global_batch=global_batch, flops_per_step=flops_per_step,
-                           peak=peak, start_step=start_step, bad_total=bad_total)
+                           cfg=cfg, ctx=ctx, rows=rows, compiled=compiled, per_rank=args.grad_accum // world,
+                           global_batch=global_batch, flops_per_step=flops_per_step, peak=peak, start_step=start_step,
+                           bad_total=bad_total)
 
 
 def flags_from_checkpoint(args, log):
