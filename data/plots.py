@@ -3,7 +3,8 @@
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
     python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
 
-sweep: one run per weight in SWEEP/w<weight>/eval.json (the loop in README "The trade-off").
+sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in README "The trade-off");
+the picture draws each weight's mean over its seeds.
 curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
 training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
 step time in the run's log.jsonl.
@@ -24,13 +25,14 @@ LINES = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
          ("vqa_accuracy", "VQA accuracy", (30, 150, 60))]
 
 
-def table(rows, first):
-    """rows: [(x, eval dict)] -> a markdown table, x in the first column."""
-    print(f"| {first} | gen_accuracy | caption_accuracy | vqa_accuracy | " + " | ".join(f"gen/{t}" for t in TASKS)
-          + " | val_loss_image | val_loss_text |")
-    print("|---" * (4 + len(TASKS) + 2) + "|")
-    for x, r in rows:
-        print(f"| {x:g} | {r['gen_accuracy']:.3f} | {r['caption_accuracy']:.3f} | {r['vqa_accuracy']:.3f} | "
+def table(rows, first, seeds=None):
+    """rows: [(x, eval dict)] -> a markdown table, x in the first column (and each row's seed, if given)."""
+    seed_head, seed_col = ("seed | ", lambda i: f"{seeds[i]} | ") if seeds else ("", lambda i: "")
+    print(f"| {first} | {seed_head}gen_accuracy | caption_accuracy | vqa_accuracy | "
+          + " | ".join(f"gen/{t}" for t in TASKS) + " | val_loss_image | val_loss_text |")
+    print("|---" * (4 + bool(seeds) + len(TASKS) + 2) + "|")
+    for i, (x, r) in enumerate(rows):
+        print(f"| {x:g} | {seed_col(i)}{r['gen_accuracy']:.3f} | {r['caption_accuracy']:.3f} | {r['vqa_accuracy']:.3f} | "
               + " | ".join(f"{r['gen/' + t]:.2f}" for t in TASKS)
               + f" | {r['val_loss_image']:.4f} | {r['val_loss_text']:.4f} |")
 
@@ -61,14 +63,23 @@ def plot(rows, keys, xmax, xlabel, ticks, path):
 
 
 def sweep(root="out/sweep"):
-    runs = sorted((float(os.path.basename(os.path.dirname(p))[1:]), json.load(open(p)))
-                  for p in glob.glob(os.path.join(root, "w*", "eval.json")))
+    """One run per weight and seed: SWEEP/w<weight>/ or SWEEP/w<weight>_s<seed>/, each with an eval.json.
+    The table lists every run; the picture draws the mean over seeds of each weight."""
+    runs = []
+    for p in glob.glob(os.path.join(root, "w*", "eval.json")):
+        m = re.fullmatch(r"w([\d.]+)(?:_s(\d+))?", os.path.basename(os.path.dirname(p)))
+        if m:
+            runs.append((float(m.group(1)), int(m.group(2) or 0), json.load(open(p))))
     if not runs:
         raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
-    table(runs, "image_weight")
-    ticks = [(w, f"{w:g}") for w, _ in runs     # label the ticks that do not overlap
-             if w == 1 or all(abs(w - v) > 0.05 for v, _ in runs if v > w)]
-    plot(runs, [LINES[0], LINES[2], LINES[3]], 1.0, "image_weight w  (0 = understanding only, 1 = generation only)",
+    runs.sort(key=lambda r: r[:2])
+    table([(w, r) for w, _, r in runs], "image_weight", seeds=[s for _, s, _ in runs])
+    weights = sorted({w for w, _, _ in runs})
+    mean = [(w, {k: sum(r[k] for v, _, r in runs if v == w) / sum(v == w for v, _, _ in runs)
+                 for k, _, _ in LINES}) for w in weights]
+    ticks = [(w, f"{w:g}") for w in weights     # label the ticks that do not overlap
+             if w == 1 or all(abs(w - v) > 0.05 for v in weights if v > w)]
+    plot(mean, [LINES[0], LINES[2], LINES[3]], 1.0, "image_weight w  (0 = understanding only, 1 = generation only)",
          ticks, os.path.join(ROOT, "docs", "tradeoff.png"))
 
 
