@@ -74,9 +74,11 @@ def sweep(root="out/sweep"):
         raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
     runs.sort(key=lambda r: r[:2])
     table([(w, r) for w, _, r in runs], "image_weight", seeds=[s for _, s, _ in runs])
-    weights = sorted({w for w, _, _ in runs})
-    mean = [(w, {k: sum(r[k] for v, _, r in runs if v == w) / sum(v == w for v, _, _ in runs)
-                 for k, _, _ in LINES}) for w in weights]
+    by_weight = {}
+    for w, _, r in runs:
+        by_weight.setdefault(w, []).append(r)
+    weights = sorted(by_weight)
+    mean = [(w, {k: sum(r[k] for r in by_weight[w]) / len(by_weight[w]) for k, _, _ in LINES}) for w in weights]
     ticks = [(w, f"{w:g}") for w in weights     # label the ticks that do not overlap
              if w == 1 or all(abs(w - v) > 0.05 for v in weights if v > w)]
     plot(mean, [LINES[0], LINES[2], LINES[3]], 1.0, "image_weight w  (0 = understanding only, 1 = generation only)",
