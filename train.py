@@ -2,7 +2,7 @@
 Train UniFluid: one decoder that generates images (continuous VAE tokens, a per-token diffusion head)
 and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (README, Training).
 
-Quickstart, CPU or GPU (about 12 minutes on 2 idle CPU cores, training the shapes VAE first included):
+Quickstart, CPU or GPU (about 18 minutes on 2 idle CPU cores, training the shapes VAE first included):
     python train.py
 Real data with a Stable Diffusion VAE on one GPU:
     python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --image_weight 0.8
@@ -103,8 +103,8 @@ def build_parser():
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
                    help="micro-batches per step over all processes (default: one per process)")
-    g.add_argument("--max_steps", type=positive_int, default=5600, help="optimizer steps (the schedule's length; "
-                   "5600 small-preset steps take ~19 CPU-minutes, as long as 4000 of d 128 or 2000 of d 192)")
+    g.add_argument("--max_steps", type=positive_int, default=7000, help="optimizer steps (the schedule's length; "
+                   "7000 small-preset steps fill the quickstart's 20 minutes on 2 idle cores, ~26 CPU-minutes)")
     g.add_argument("--stop_at", type=non_negative(int), default=0,
                    help="stop (and checkpoint) at this step, keeping the schedule of --max_steps; 0 = run to the end")
     g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0: none")
