@@ -1070,7 +1070,10 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     out["caption_accuracy"] = mean(lambda s: True, cap_scores, scenes)
     out["caption_heldout_pairs"] = mean(lambda s: s["heldout"], cap_scores, scenes)
     answers = text([s["question"] for s in scenes])
-    out["vqa_accuracy"] = sum(shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)) / len(scenes)
+    vqa_hits = [shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)]
+    out["vqa_accuracy"] = sum(vqa_hits) / len(scenes)
+    for kind in sorted({shapes.vqa_kind(s["question"]) for s in scenes}):    # the kinds these scenes ask
+        out[f"vqa/{kind}"] = mean(lambda s: shapes.vqa_kind(s["question"]) == kind, vqa_hits, scenes)
     edited = gen([s["instruction"] for s in scenes], und)
     out["edit_accuracy"] = sum(shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
     return out

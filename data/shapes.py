@@ -329,6 +329,19 @@ def vqa(scene, rng, split="train"):
     return cands[rng.integers(len(cands))]
 
 
+VQA_KINDS = ("color", "shape", "size", "count", "count_objects", "exists", "relation")
+
+
+def vqa_kind(question):
+    """Which of VQA_KINDS a question of vqa() asks (the evaluation reports VQA accuracy per kind)."""
+    for prefix, kind in (("how many objects", "count_objects"), ("how many", "count"), ("is there", "exists"),
+                         ("where is", "relation"), ("what color", "color"), ("what shape", "shape"),
+                         ("what size", "size")):
+        if question.startswith(prefix):
+            return kind
+    raise ValueError(f"not a shapes VQA question: {question!r}")
+
+
 def edit(scene, rng, split="train", resolution=32, max_objects=None):
     """(instruction, new_scene): recolour, move (against an edge), add, or remove one object.
 

@@ -80,6 +80,11 @@ def test_caption_vqa_and_edit_scores():
         assert not S.score_edit(it["image"], it["target"]), it["instruction"]
         assert S.score_edit(it["target_image"].filter(ImageFilter.GaussianBlur(0.8)), it["target"])
         assert len(it["answer"].split()) == 1
+    rng = np.random.default_rng(0)          # every question has its kind, and every kind is asked
+    kinds = [S.vqa_kind(S.vqa(S.random_scene(rng), rng)[0]) for _ in range(300)]
+    assert set(kinds) == set(S.VQA_KINDS)
+    with pytest.raises(ValueError, match="not a shapes VQA question"):
+        S.vqa_kind("why is the sky blue")
 
 
 def test_training_split_never_shows_heldout_pairs():
