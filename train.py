@@ -2,7 +2,7 @@
 Train UniFluid: one decoder that generates images (continuous VAE tokens, a per-token diffusion head)
 and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (README, Training).
 
-Quickstart, CPU or GPU (about 18 minutes on 2 idle CPU cores, training the shapes VAE first included):
+Quickstart, CPU or GPU (about 17 minutes on 2 idle CPU cores, training the shapes VAE first included):
     python train.py
 Real data with a Stable Diffusion VAE on one GPU:
     python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --image_weight 0.8

@@ -120,7 +120,7 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters
     "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=256, vit_width=32,
                  vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
-    # the CPU quickstart: 1.4M parameters, 16 tokens of 16 dims, sized for what 2 cores train in ~18 min
+    # the CPU quickstart: 1.4M parameters, 16 tokens of 16 dims, sized for what 2 cores train in ~17 min
     # (README, Results: at equal CPU time d 96 beats d 128, 6 layers of d 128 and d 192). Mask ratios near
     # uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show the model more
     # than 4 known tokens, while sampling conditions on up to 15 (README: generation 0.07 -> 0.14).
