@@ -1072,8 +1072,9 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     answers = text([s["question"] for s in scenes])
     vqa_hits = [shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)]
     out["vqa_accuracy"] = sum(vqa_hits) / len(scenes)
-    for kind in sorted({shapes.vqa_kind(s["question"]) for s in scenes}):    # the kinds these scenes ask
-        out[f"vqa/{kind}"] = mean(lambda s: shapes.vqa_kind(s["question"]) == kind, vqa_hits, scenes)
+    kinds = [shapes.vqa_kind(s["question"]) for s in scenes]
+    for kind in sorted(set(kinds)):                                      # the kinds these scenes ask
+        out[f"vqa/{kind}"] = mean(lambda k: k == kind, vqa_hits, kinds)
     edited = gen([s["instruction"] for s in scenes], und)
     out["edit_accuracy"] = sum(shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
     return out
