@@ -1,10 +1,13 @@
-"""The README's two figures, drawn with Pillow only (no matplotlib), each with its table on stdout.
+"""The README's figures, drawn with Pillow only (no matplotlib), each with its table on stdout.
 
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
     python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
+    python data/plots.py order [out/order]    # random against raster order at several budgets -> docs/order.png
 
 sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in README "The trade-off");
 the picture draws each weight's mean over its seeds.
+order: one run per order, budget and seed in ORDER/<random|raster>_<steps>_s<seed>/eval.json (the loop in README
+"The paper's findings"); the picture draws each order's mean over seeds against the training steps.
 curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
 training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
 step time in the run's log.jsonl.
@@ -32,7 +35,7 @@ def table(rows, first, seeds=None):
           + " | ".join(f"gen/{t}" for t in TASKS) + " | val_loss_image | val_loss_text |")
     print("|---" * (4 + bool(seeds) + len(TASKS) + 2) + "|")
     for i, (x, r) in enumerate(rows):
-        print(f"| {x:g} | {seed_col(i)}{r['gen_accuracy']:.3f} | {r['caption_accuracy']:.3f} | {r['vqa_accuracy']:.3f} | "
+        print(f"| {x if isinstance(x, str) else format(x, 'g')} | {seed_col(i)}{r['gen_accuracy']:.3f} | {r['caption_accuracy']:.3f} | {r['vqa_accuracy']:.3f} | "
               + " | ".join(f"{r['gen/' + t]:.2f}" for t in TASKS)
               + f" | {r['val_loss_image']:.4f} | {r['val_loss_text']:.4f} |")
 
@@ -85,6 +88,35 @@ def sweep(root="out/sweep"):
          ticks, os.path.join(ROOT, "docs", "tradeoff.png"))
 
 
+def order(root="out/order"):
+    """Random against raster order: the table lists every run, the picture each order's mean over seeds."""
+    runs = []
+    for p in glob.glob(os.path.join(root, "*", "eval.json")):
+        m = re.fullmatch(r"(random|raster)_(\d+)_s(\d+)", os.path.basename(os.path.dirname(p)))
+        if m:
+            runs.append((m.group(1), int(m.group(2)), int(m.group(3)), json.load(open(p))))
+    if not runs:
+        raise SystemExit(f"no {root}/<random|raster>_<steps>_s<seed>/eval.json: run the loop in README.md first")
+    runs.sort(key=lambda r: r[:3])
+    table([(f"{o} {n}", r) for o, n, _, r in runs], "order, steps", seeds=[s for _, _, s, _ in runs])
+    groups = {}
+    for o, n, _, r in runs:
+        groups.setdefault(n, {}).setdefault(o, []).append(r)
+    keys = [("random gen_accuracy", "random: generation", (200, 40, 40)),
+            ("raster gen_accuracy", "raster: generation", (40, 90, 200)),
+            ("random gen/single_object", "random: single_object", (230, 140, 40)),
+            ("raster gen/single_object", "raster: single_object", (90, 170, 230))]
+    rows = []                  # budgets that have both orders, each order's mean over its seeds
+    for n in sorted(groups):
+        if len(groups[n]) == 2:
+            rows.append((n, {f"{o} {k}": sum(r[k] for r in rs) / len(rs)
+                             for o, rs in groups[n].items() for k in ("gen_accuracy", "gen/single_object")}))
+    if not rows:
+        raise SystemExit(f"no budget in {root} has runs of both orders yet")
+    plot(rows, keys, rows[-1][0] * 1.08, "training steps (d 96 default, batch 64)",
+         [(n, f"{n}") for n, _ in rows], os.path.join(ROOT, "docs", "order.png"))
+
+
 def curve(run="out/curve", s_per_step=None):
     found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
              for p in glob.glob(os.path.join(run, "eval_step*.json"))]
@@ -105,6 +137,6 @@ def curve(run="out/curve", s_per_step=None):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("sweep", "curve"):
-        raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR]")
-    (sweep if what == "sweep" else curve)(*sys.argv[2:4])
+    if what not in ("sweep", "curve", "order"):
+        raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR [S]] | order [ORDER_DIR]")
+    {"sweep": sweep, "curve": curve, "order": order}[what](*sys.argv[2:4])
