@@ -3,11 +3,15 @@
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
     python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
     python data/plots.py order [out/order]    # random against raster order at several budgets -> docs/order.png
+    python data/plots.py layout [out/layout]  # Gemma-1 against Gemma-2/3 decoder layout -> docs/layout.png
+    python data/plots.py edits [out/edit [N]]    # N held-out edits of a checkpoint, oracle-scored -> docs/edits.png
 
 sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in README "The trade-off");
 the picture draws each weight's mean over its seeds.
 order: one run per order, budget and seed in ORDER/<random|raster>_<steps>_s<seed>/eval.json (the loop in README
 "The paper's findings"); the picture draws each order's mean over seeds against the training steps.
+edits: the checkpoint in RUN/ckpt.pt (EMA weights, sampling defaults) edits the first N held-out scenes that
+evaluation uses (seed 0); each row is the input with its instruction, the edit, and the target scene.
 curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
 training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
 step time in the run's log.jsonl.
@@ -40,15 +44,17 @@ def table(rows, first, seeds=None):
               + f" | {r['val_loss_image']:.4f} | {r['val_loss_text']:.4f} |")
 
 
-def plot(rows, keys, xmax, xlabel, ticks, path):
-    """Accuracy (0..1) against x for each key of each row; ticks: [(x, label)] under the axis."""
+def plot(rows, keys, xmax, xlabel, ticks, path, ymax=1.0):
+    """Accuracy (0..ymax) against x for each key of each row (a row lacking a key, or above ymax, is
+    skipped on its line);
+    ticks: [(x, label)] under the axis."""
     W, H, L, B, T, R = 640, 400, 60, 50, 20, 190          # size and margins (left, bottom, top, right)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     px = lambda x: L + x / xmax * (W - L - R)
-    py = lambda a: H - B - a * (H - B - T)
+    py = lambda a: H - B - a / ymax * (H - B - T)
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for a in (0, 0.25, 0.5, 0.75, 1.0):
+    for a in (0, ymax / 4, ymax / 2, 3 * ymax / 4, ymax):
         d.line([L - 4, py(a), L, py(a)], fill="black")
         d.text((L - 34, py(a) - 6), f"{a:.2f}", fill="black")
     for x, label in ticks:
@@ -56,7 +62,7 @@ def plot(rows, keys, xmax, xlabel, ticks, path):
         d.text((px(x) - 8, H - B + 6), label, fill="black")
     d.text((L + 60, H - 22), xlabel, fill="black")
     for i, (k, label, color) in enumerate(keys):
-        pts = [(px(x), py(r[k])) for x, r in rows]
+        pts = [(px(x), py(r[k])) for x, r in rows if k in r and r[k] <= ymax]
         d.line(pts, fill=color, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
@@ -117,6 +123,58 @@ def order(root="out/order"):
          [(n, f"{n}") for n, _ in rows], os.path.join(ROOT, "docs", "order.png"))
 
 
+def layout(root="out/layout"):
+    """Gemma-1 against Gemma-2/3 decoder layout: LAYOUT/<gemma1|gemma2>_s<seed>/ with eval.json and log.jsonl.
+    The table lists every run; the picture draws each run's validation text loss along training."""
+    runs = []
+    for p in glob.glob(os.path.join(root, "*", "eval.json")):
+        m = re.fullmatch(r"(gemma1|gemma2)_s(\d+)", os.path.basename(os.path.dirname(p)))
+        if m:
+            log = [json.loads(line) for line in open(os.path.join(os.path.dirname(p), "log.jsonl"))]
+            runs.append((m.group(1), int(m.group(2)), json.load(open(p)), [r for r in log if "val_loss_text" in r]))
+    if not runs:
+        raise SystemExit(f"no {root}/<gemma1|gemma2>_s<seed>/eval.json: run the commands in README.md first")
+    runs.sort(key=lambda r: r[:2])
+    table([(name, r) for name, _, r, _ in runs], "layout", seeds=[s for _, s, _, _ in runs])
+    colors = {"gemma2": [(200, 40, 40), (230, 140, 40)], "gemma1": [(40, 90, 200), (90, 170, 230)]}
+    keys = [(f"{name}_s{seed}", f"{name} seed {seed}: text", colors[name][seed % 2]) for name, seed, _, _ in runs]
+    rows = sorted({r["step"] for *_, log in runs for r in log})
+    by_step = {n: {k: r["val_loss_text"] for (k, _, _), (*_, log) in zip(keys, runs) for r in log if r["step"] == n}
+               for n in rows}
+    xmax = rows[-1] * 1.05
+    plot([(n, by_step[n]) for n in rows], keys, xmax, "training steps (validation text loss; lower is better)",
+         [(n, f"{n}") for n in rows[len(rows) // 4 - 1::len(rows) // 4]], os.path.join(ROOT, "docs", "layout.png"),
+         ymax=0.4)
+
+
+def edits(run="out/edit", n=8):
+    """Held-out edits drawn by a checkpoint: input | edit (scored by the oracle) | target, one row each."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from data import shapes
+    from unifluid import UniFluid
+    from vae import from_pil, load_vae, save_grid, torch_load
+    path = os.path.join(run, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"no {path}: fine-tune a checkpoint on edits first (README, Editing)")
+    ckpt = torch_load(path)
+    model, vae = UniFluid.from_checkpoint(ckpt).eval(), load_vae(ckpt["vae"], "cpu").eval()
+    size = model.cfg.image_size
+    scenes = shapes.eval_scenes(int(n), seed=0, split="test", resolution=size)
+    with torch.no_grad():
+        latents = model.generate_images([s["instruction"] for s in scenes], 16, 3.0, 1.0, 50,
+                                        und_images=from_pil([s["image"] for s in scenes], size),
+                                        generator=torch.Generator().manual_seed(0))
+        edited = vae.decode(latents).float()
+    right = [shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)]
+    images, labels = [], []
+    for s, im, ok in zip(scenes, edited, right):
+        images += [from_pil([s["image"]], size)[0], im, from_pil([s["target_image"]], size)[0]]
+        labels += [s["instruction"], "edit: right" if ok else "edit: wrong", "target"]
+    save_grid(torch.stack(images).clamp(-1, 1), os.path.join(ROOT, "docs", "edits.png"), cols=6, labels=labels, cell=96)
+    print(f"{sum(right)} of {len(right)} edits right (the oracle reads each edit back)")
+
+
 def curve(run="out/curve", s_per_step=None):
     found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
              for p in glob.glob(os.path.join(run, "eval_step*.json"))]
@@ -137,6 +195,8 @@ def curve(run="out/curve", s_per_step=None):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("sweep", "curve", "order"):
-        raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR [S]] | order [ORDER_DIR]")
-    {"sweep": sweep, "curve": curve, "order": order}[what](*sys.argv[2:4])
+    commands = {"sweep": sweep, "curve": curve, "order": order, "layout": layout, "edits": edits}
+    if what not in commands:
+        raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR [S]] | order [ORDER_DIR]"
+                         " | layout [LAYOUT_DIR] | edits [RUN_DIR [N]]")
+    commands[what](*sys.argv[2:4])
