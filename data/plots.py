@@ -10,7 +10,9 @@ sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the
 the picture draws each weight's mean over its seeds.
 order: one run per order, budget and seed in ORDER/<random|raster>_<steps>_s<seed>/eval.json (the loop in README
 "The paper's findings"); the picture draws each order's mean over seeds against the training steps.
-edits: the checkpoint in RUN/ckpt.pt (EMA weights, sampling defaults) edits the first N held-out scenes that
+layout: runs in LAYOUT/<gemma1|gemma2>_s<seed>/ (eval.json and log.jsonl); the picture draws each run's validation
+text loss along training.
+edits: the checkpoint in RUN/ckpt.pt (EMA weights, sampling defaults) edits the first N (16) held-out scenes that
 evaluation uses (seed 0); each row is the input with its instruction, the edit, and the target scene.
 curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
 training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
@@ -138,16 +140,17 @@ def layout(root="out/layout"):
     table([(name, r) for name, _, r, _ in runs], "layout", seeds=[s for _, s, _, _ in runs])
     colors = {"gemma2": [(200, 40, 40), (230, 140, 40)], "gemma1": [(40, 90, 200), (90, 170, 230)]}
     keys = [(f"{name}_s{seed}", f"{name} seed {seed}: text", colors[name][seed % 2]) for name, seed, _, _ in runs]
-    rows = sorted({r["step"] for *_, log in runs for r in log})
-    by_step = {n: {k: r["val_loss_text"] for (k, _, _), (*_, log) in zip(keys, runs) for r in log if r["step"] == n}
-               for n in rows}
-    xmax = rows[-1] * 1.05
-    plot([(n, by_step[n]) for n in rows], keys, xmax, "training steps (validation text loss; lower is better)",
-         [(n, f"{n}") for n in rows[len(rows) // 4 - 1::len(rows) // 4]], os.path.join(ROOT, "docs", "layout.png"),
-         ymax=0.4)
+    by_step = {}                         # step -> {run: validation text loss}
+    for (key, _, _), (*_, log) in zip(keys, runs):
+        for r in log:
+            by_step.setdefault(r["step"], {})[key] = r["val_loss_text"]
+    steps = sorted(by_step)
+    every = max(1, len(steps) // 4)      # four labelled ticks
+    plot([(n, by_step[n]) for n in steps], keys, steps[-1] * 1.05, "training steps (validation text loss; lower is better)",
+         [(n, f"{n}") for n in steps[every - 1::every]], os.path.join(ROOT, "docs", "layout.png"), ymax=0.4)
 
 
-def edits(run="out/edit", n=8):
+def edits(run="out/edit", n=16):
     """Held-out edits drawn by a checkpoint: input | edit (scored by the oracle) | target, one row each."""
     import torch
     sys.path.insert(0, ROOT)
@@ -162,7 +165,7 @@ def edits(run="out/edit", n=8):
     size = model.cfg.image_size
     scenes = shapes.eval_scenes(int(n), seed=0, split="test", resolution=size)
     with torch.no_grad():
-        latents = model.generate_images([s["instruction"] for s in scenes], 16, 3.0, 1.0, 50,
+        latents = model.generate_images([s["instruction"] for s in scenes],   # sampling defaults
                                         und_images=from_pil([s["image"] for s in scenes], size),
                                         generator=torch.Generator().manual_seed(0))
         edited = vae.decode(latents).float()
