@@ -34,6 +34,21 @@ LINES = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
          ("vqa_accuracy", "VQA accuracy", (30, 150, 60))]
 
 
+def find_runs(root, pattern):
+    """[(match, folder)] for each ROOT/<folder>/eval.json whose folder name matches `pattern` in full."""
+    found = []
+    for p in glob.glob(os.path.join(root, "*", "eval.json")):
+        m = re.fullmatch(pattern, os.path.basename(os.path.dirname(p)))
+        if m:
+            found.append((m, os.path.dirname(p)))
+    return found
+
+
+def read_eval(folder):
+    with open(os.path.join(folder, "eval.json")) as f:
+        return json.load(f)
+
+
 def table(rows, first, seeds=None):
     """rows: [(x, eval dict)] -> a markdown table, x in the first column (and each row's seed, if given)."""
     seed_head, seed_col = ("seed | ", lambda i: f"{seeds[i]} | ") if seeds else ("", lambda i: "")
@@ -47,9 +62,8 @@ def table(rows, first, seeds=None):
 
 
 def plot(rows, keys, xmax, xlabel, ticks, path, ymax=1.0):
-    """Accuracy (0..ymax) against x for each key of each row (a row lacking a key, or above ymax, is
-    skipped on its line);
-    ticks: [(x, label)] under the axis."""
+    """Accuracy (0..ymax) against x for each key of each row (a row lacking the key, or above ymax, is
+    left off that line); ticks: [(x, label)] under the axis."""
     W, H, L, B, T, R = 640, 400, 60, 50, 20, 190          # size and margins (left, bottom, top, right)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -76,11 +90,8 @@ def plot(rows, keys, xmax, xlabel, ticks, path, ymax=1.0):
 def sweep(root="out/sweep"):
     """One run per weight and seed: SWEEP/w<weight>/ or SWEEP/w<weight>_s<seed>/, each with an eval.json.
     The table lists every run; the picture draws the mean over seeds of each weight."""
-    runs = []
-    for p in glob.glob(os.path.join(root, "w*", "eval.json")):
-        m = re.fullmatch(r"w([\d.]+)(?:_s(\d+))?", os.path.basename(os.path.dirname(p)))
-        if m:
-            runs.append((float(m.group(1)), int(m.group(2) or 0), json.load(open(p))))
+    runs = [(float(m.group(1)), int(m.group(2) or 0), read_eval(d))
+            for m, d in find_runs(root, r"w([\d.]+)(?:_s(\d+))?")]
     if not runs:
         raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
     runs.sort(key=lambda r: r[:2])
@@ -98,11 +109,8 @@ def sweep(root="out/sweep"):
 
 def order(root="out/order"):
     """Random against raster order: the table lists every run, the picture each order's mean over seeds."""
-    runs = []
-    for p in glob.glob(os.path.join(root, "*", "eval.json")):
-        m = re.fullmatch(r"(random|raster)_(\d+)_s(\d+)", os.path.basename(os.path.dirname(p)))
-        if m:
-            runs.append((m.group(1), int(m.group(2)), int(m.group(3)), json.load(open(p))))
+    runs = [(m.group(1), int(m.group(2)), int(m.group(3)), read_eval(d))
+            for m, d in find_runs(root, r"(random|raster)_(\d+)_s(\d+)")]
     if not runs:
         raise SystemExit(f"no {root}/<random|raster>_<steps>_s<seed>/eval.json: run the loop in README.md first")
     runs.sort(key=lambda r: r[:3])
@@ -129,11 +137,10 @@ def layout(root="out/layout"):
     """Gemma-1 against Gemma-2/3 decoder layout: LAYOUT/<gemma1|gemma2>_s<seed>/ with eval.json and log.jsonl.
     The table lists every run; the picture draws each run's validation text loss along training."""
     runs = []
-    for p in glob.glob(os.path.join(root, "*", "eval.json")):
-        m = re.fullmatch(r"(gemma1|gemma2)_s(\d+)", os.path.basename(os.path.dirname(p)))
-        if m:
-            log = [json.loads(line) for line in open(os.path.join(os.path.dirname(p), "log.jsonl"))]
-            runs.append((m.group(1), int(m.group(2)), json.load(open(p)), [r for r in log if "val_loss_text" in r]))
+    for m, d in find_runs(root, r"(gemma1|gemma2)_s(\d+)"):
+        with open(os.path.join(d, "log.jsonl")) as f:
+            log = [r for r in map(json.loads, f) if "val_loss_text" in r]
+        runs.append((m.group(1), int(m.group(2)), read_eval(d), log))
     if not runs:
         raise SystemExit(f"no {root}/<gemma1|gemma2>_s<seed>/eval.json: run the commands in README.md first")
     runs.sort(key=lambda r: r[:2])
@@ -154,27 +161,26 @@ def edits(run="out/edit", n=16):
     """Held-out edits drawn by a checkpoint: input | edit (scored by the oracle) | target, one row each."""
     import torch
     sys.path.insert(0, ROOT)
+    import train
     from data import shapes
-    from unifluid import UniFluid
-    from vae import from_pil, load_vae, save_grid, torch_load
-    path = os.path.join(run, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"no {path}: fine-tune a checkpoint on edits first (README, Editing)")
-    ckpt = torch_load(path)
-    model, vae = UniFluid.from_checkpoint(ckpt).eval(), load_vae(ckpt["vae"], "cpu").eval()
+    from vae import from_pil, save_grid
+    try:
+        model, vae, _, _ = train.load_checkpoint(run)
+    except FileNotFoundError:
+        raise SystemExit(f"no {run}/ckpt.pt: fine-tune a checkpoint on edits first (README, Editing)")
     size = model.cfg.image_size
     scenes = shapes.eval_scenes(int(n), seed=0, split="test", resolution=size)
+    inputs = from_pil([s["image"] for s in scenes], size)
+    targets = from_pil([s["target_image"] for s in scenes], size)
     with torch.no_grad():
-        latents = model.generate_images([s["instruction"] for s in scenes],   # sampling defaults
-                                        und_images=from_pil([s["image"] for s in scenes], size),
+        latents = model.generate_images([s["instruction"] for s in scenes], und_images=inputs,   # sampling defaults
                                         generator=torch.Generator().manual_seed(0))
         edited = vae.decode(latents).float()
     right = [shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)]
-    images, labels = [], []
-    for s, im, ok in zip(scenes, edited, right):
-        images += [from_pil([s["image"]], size)[0], im, from_pil([s["target_image"]], size)[0]]
-        labels += [s["instruction"], "edit: right" if ok else "edit: wrong", "target"]
-    save_grid(torch.stack(images).clamp(-1, 1), os.path.join(ROOT, "docs", "edits.png"), cols=6, labels=labels, cell=96)
+    images = torch.stack([im for triple in zip(inputs, edited, targets) for im in triple])
+    labels = [label for s, ok in zip(scenes, right)
+              for label in (s["instruction"], "edit: right" if ok else "edit: wrong", "target")]
+    save_grid(images.clamp(-1, 1), os.path.join(ROOT, "docs", "edits.png"), cols=6, labels=labels, cell=96)
     print(f"{sum(right)} of {len(right)} edits right (the oracle reads each edit back)")
 
 
