@@ -26,8 +26,9 @@ Continue a run exactly (same flags as the run unless given again), evaluate it, 
 Start from pretrained parts (Hugging Face folders, see README "Starting from pretrained weights"):
     python train.py --dataset cc3m --data_dir DIR --model gemma2-2b --init_from gemma:GEMMA_DIR \
         --und_encoder siglip:SIGLIP_DIR --freeze_und_encoder --vae mar:kl16.ckpt
-Fine-tune from another run's weights (e.g. editing only):
-    python train.py --init_from out/shapes/ckpt.pt --tasks edit=1 --max_steps 300 --out_dir out/edit
+Fine-tune from another run's weights (e.g. for editing, mixed with the other tasks so they are kept):
+    python train.py --init_from out/shapes/ckpt.pt --tasks t2i=0.3,caption=0.1,vqa=0.1,edit=0.5 --max_steps 2400 \
+        --lr 1e-3 --out_dir out/edit
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model),
