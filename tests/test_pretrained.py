@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import train
-from unifluid import (KIND_TEXT, Config, Gemma, GemmaTokenizer, UniFluid, attention_mask, gemma_config, load_gemma,
-                      load_siglip, positions, siglip_config, tokenizer_from_state)
+from train import gemma_config, load_gemma, load_siglip, siglip_config
+from unifluid import (KIND_TEXT, Config, Gemma, GemmaTokenizer, UniFluid, attention_mask, positions,
+                      tokenizer_from_state)
 
 VOCAB = 300          # the tiny tokenizer below has 300 tokens; the tiny checkpoints use the same vocabulary
 T = 16               # prompt length: longer than the sliding window of 4
