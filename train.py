@@ -335,8 +335,7 @@ def log_step(run, step, stop_step, out, meter, elapsed, log_file, write):
                 eta_s=(stop_step - step) / steps_per_s, skipped=run.bad_total,
                 data_skipped=sum(s.skipped() for s in run.streams))
     if run.compiled:                     # once warm, the graph count stays put and no graph breaks
-        from torch._dynamo.utils import counters
-        last.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+        last.update(compile_counters())
     log_file.write(json.dumps(last) + "\n")
     log_file.flush()
     write(f"step {step}/{stop_step} | loss {out['loss']:.4f} | img {out['loss_image']:.4f} | txt "
@@ -347,6 +346,16 @@ def log_step(run, step, stop_step, out, meter, elapsed, log_file, write):
           + (f" | {last['graphs']} graphs compiled, {last['graph_breaks']} graph breaks" if run.compiled else ""))
     meter.update(time=0.0, steps=0, tokens=0.0)
     return last
+
+
+def compile_counters():
+    """Graphs compiled and graph breaks so far. torch keeps these counters in a private module with no public
+    equivalent: if a release moves them, the log says so instead of the run failing."""
+    try:
+        from torch._dynamo.utils import counters
+        return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return dict(graphs="?", graph_breaks="?")
 
 
 @contextmanager

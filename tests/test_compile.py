@@ -20,14 +20,16 @@ ROWS = {"t2i": 3, "caption": 2, "vqa": 2, "edit": 1}     # fixed per micro-batch
 
 
 @pytest.fixture
-def fresh_dynamo(monkeypatch):
-    """Empty compile caches and counters; the inductor draws its random numbers as eager does."""
+def fresh_dynamo():
+    """Empty compile caches and counters; the inductor draws its random numbers as eager does. The option is
+    set through torch's own `config.patch`, which restores it on exit (pytest's monkeypatch cannot: torch's
+    config module keeps its options outside the module's __dict__, so undoing a setattr deletes the option)."""
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
-    yield
-    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch.compiler.reset()
 
 
 def tiny():
