@@ -1,4 +1,5 @@
-"""The README's figures, drawn with Pillow only (no matplotlib), each with its table on stdout.
+"""The pictures of docs/ (README.md, docs/results.md), drawn with Pillow only (no matplotlib), each with its
+table on stdout.
 
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
     python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
@@ -6,10 +7,10 @@
     python data/plots.py layout [out/layout]  # Gemma-1 against Gemma-2/3 decoder layout -> docs/layout.png
     python data/plots.py edits [out/edit [N]]    # N held-out edits of a checkpoint, oracle-scored -> docs/edits.png
 
-sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in README "The trade-off");
+sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in docs/results.md, "The trade-off");
 the picture draws each weight's mean over its seeds.
-order: one run per order, budget and seed in ORDER/<random|raster>_<steps>_s<seed>/eval.json (the loop in README
-"The paper's findings"); the picture draws each order's mean over seeds against the training steps.
+order: one run per order, budget and seed in ORDER/<random|raster>_<steps>_s<seed>/eval.json (the loop in docs/results.md,
+"Random against raster order"); the picture draws each order's mean over seeds against the training steps.
 layout: runs in LAYOUT/<gemma1|gemma2>_s<seed>/ (eval.json and log.jsonl); the picture draws each run's validation
 text loss along training.
 edits: the checkpoint in RUN/ckpt.pt (EMA weights, sampling defaults) edits the first N (16) held-out scenes that
@@ -93,7 +94,7 @@ def sweep(root="out/sweep"):
     runs = [(float(m.group(1)), int(m.group(2) or 0), read_eval(d))
             for m, d in find_runs(root, r"w([\d.]+)(?:_s(\d+))?")]
     if not runs:
-        raise SystemExit(f"no {root}/w*/eval.json: run the sweep in README.md first")
+        raise SystemExit(f"no {root}/w*/eval.json: run the sweep in docs/results.md first")
     runs.sort(key=lambda r: r[:2])
     table([(w, r) for w, _, r in runs], "image_weight", seeds=[s for _, s, _ in runs])
     by_weight = {}
@@ -112,7 +113,7 @@ def order(root="out/order"):
     runs = [(m.group(1), int(m.group(2)), int(m.group(3)), read_eval(d))
             for m, d in find_runs(root, r"(random|raster)_(\d+)_s(\d+)")]
     if not runs:
-        raise SystemExit(f"no {root}/<random|raster>_<steps>_s<seed>/eval.json: run the loop in README.md first")
+        raise SystemExit(f"no {root}/<random|raster>_<steps>_s<seed>/eval.json: run the loop in docs/results.md first")
     runs.sort(key=lambda r: r[:3])
     table([(f"{o} {n}", r) for o, n, _, r in runs], "order, steps", seeds=[s for _, _, s, _ in runs])
     groups = {}
@@ -142,7 +143,7 @@ def layout(root="out/layout"):
             log = [r for r in map(json.loads, f) if "val_loss_text" in r]
         runs.append((m.group(1), int(m.group(2)), read_eval(d), log))
     if not runs:
-        raise SystemExit(f"no {root}/<gemma1|gemma2>_s<seed>/eval.json: run the commands in README.md first")
+        raise SystemExit(f"no {root}/<gemma1|gemma2>_s<seed>/eval.json: run the commands in docs/results.md first")
     runs.sort(key=lambda r: r[:2])
     table([(name, r) for name, _, r, _ in runs], "layout", seeds=[s for _, s, _, _ in runs])
     colors = {"gemma2": [(200, 40, 40), (230, 140, 40)], "gemma1": [(40, 90, 200), (90, 170, 230)]}
@@ -188,7 +189,7 @@ def curve(run="out/curve", s_per_step=None):
     found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
              for p in glob.glob(os.path.join(run, "eval_step*.json"))]
     if not found:
-        raise SystemExit(f"no {run}/eval_step*.json: train with --accuracy_interval N first (README, Results)")
+        raise SystemExit(f"no {run}/eval_step*.json: train with --accuracy_interval N first (docs/results.md, The curve)")
     if s_per_step is None:               # the training time per step in the run's log
         log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
         s_per_step = sum(1 / r["steps_per_s"] for r in log if "steps_per_s" in r) / sum("steps_per_s" in r for r in log)
