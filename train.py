@@ -312,7 +312,7 @@ def accumulate_gradients(run, step):
             examples = stream.take(args.batch_size)
         with run.ctx:
             batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout,
-                                 PAD_MULTIPLE if run.compiled else 1)
+                                 PAD_MULTIPLE if run.compiled else 1, sample=True)
         last = m == run.per_rank - 1
         if run.ddp and args.fsdp:        # reduce-scatter gradients only after the last micro-batch
             run.raw_model.set_requires_gradient_sync(last)
@@ -938,9 +938,10 @@ def rows_per_task(mix, n):
     return rows
 
 
-def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1):
+def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1, sample=False):
     """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
-    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`)."""
+    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`).
+    sample=True (training) takes a draw from the VAE posterior, as MAR does, instead of its mean."""
     cfg = model.cfg
     tasks = [e["task"] for e in examples]
     prompts = model.drop_prompts(tasks, [e["prompt"] for e in examples], cfg_dropout, generator)
@@ -948,10 +949,15 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, 
     gen_tokens = None
     if gen_rows:
         if "output_latent" in examples[0]:
-            lat = torch.stack([examples[i]["output_latent"] for i in gen_rows]).to(device)
+            lat = torch.stack([examples[i]["output_latent"] for i in gen_rows])
+            if sample and "output_latent_std" in examples[0]:   # latents stored with their posterior's std
+                std = torch.stack([examples[i]["output_latent_std"] for i in gen_rows])
+                lat = lat + std * torch.randn(lat.shape, generator=generator)
+            lat = lat.to(device)
         else:
             with torch.no_grad():
-                lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device))
+                lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device),
+                                 sample=sample, generator=generator)
         tok = patchify(lat.float(), cfg.patch_size)                            # (G, N, Dt)
         gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
         gen_tokens[gen_rows] = tok

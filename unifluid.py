@@ -627,6 +627,18 @@ def cosine_alphas_cumprod(T, s=0.008):
     return torch.cumprod(1 - betas, 0)
 
 
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) of a Gaussian integrated over x's bin of width 2/255 (data in [-1, 1], the ends open), per
+    element: the t = 0 term of improved DDPM's bound, which MAR keeps for its latent tokens unchanged."""
+    def cdf(v):                                  # improved DDPM's tanh approximation of the normal CDF
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    return torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                       torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                   (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+
+
 class GaussianDiffusion(nn.Module):
     """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample.
     With learn_sigma the head also outputs, per dimension, where the sampling variance lies between the
@@ -680,7 +692,7 @@ class GaussianDiffusion(nn.Module):
             mean = self.mean_x0[i] * x0 + self.mean_xt[i] * x_t
             true_mean, true_logvar = self.mean_x0[i] * target + self.mean_xt[i] * x_t, self.post_logvar[i]
             kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp() + (true_mean - mean) ** 2 / logvar.exp())
-            nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 / logvar.exp())   # t = 0: decoder
+            nll = -discretized_gaussian_log_likelihood(target, mean, 0.5 * logvar)     # t = 0: the decoder term
             loss = loss + torch.where(i == 0, nll, kl).mean(1) / math.log(2)
         return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp(min=1)
 

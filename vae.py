@@ -236,11 +236,15 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     @torch.no_grad()
-    def encode(self, images, sample=False):
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) with about unit variance."""
+    def encode(self, images, sample=False, generator=None):
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) with about unit variance: the posterior
+        mean, or with sample=True a draw from the posterior (what MAR trains on; noise from `generator`)."""
         mean, logvar = self.posterior(images)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
-        return z * self.scale_factor
+        if not sample:
+            return mean * self.scale_factor
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=generator.device if
+                            generator is not None else mean.device).to(mean.device)
+        return (mean + noise * torch.exp(0.5 * logvar)) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents):

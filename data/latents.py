@@ -6,7 +6,9 @@ runs once per image instead of once per image per epoch.
 
 LATENTS holds `meta.json` (the VAE spec, resolution, latent shape, sample counts) and shards
 `{split}-{k:05d}.pt`, each a dict of
-    latents   (n, C, h, w) float16 (or float32)  vae.encode(image): scaled, the posterior mean
+    latents   (n, C, h, w) float16 (or float32)  the VAE posterior's mean, scaled
+    latent_std (n, C, h, w) same dtype            its standard deviation, scaled: training draws from the
+                                                  posterior, as MAR does with its cached moments
     images    (n, 3, R, R) uint8                  the image at training resolution (the ViT reads it)
     captions  list of n: a str, or a list of str (COCO's ~5 per image, one drawn per epoch as the reader does)
     keys      list of n source sample keys
@@ -39,7 +41,7 @@ def read_meta(latent_dir):
 
 
 def _read_shard(path, max_bytes=None):
-    """A latent shard -> raw samples {'__key__', 'latent', 'image', 'txt' or 'captions'}."""
+    """A latent shard -> raw samples {'__key__', 'latent', 'latent_std', 'image', 'txt' or 'captions'}."""
     try:
         shard = torch.load(path, map_location="cpu", weights_only=True)
         lat, img, caps, keys = shard["latents"], shard["images"], shard["captions"], shard["keys"]
@@ -47,8 +49,9 @@ def _read_shard(path, max_bytes=None):
         return [{"__key__": path, "__error__": "missing_shard"}]
     except Exception:  # torn or foreign file
         return [{"__key__": path, "__error__": "truncated_shard"}]
-    return [{"__key__": k, "latent": lat[i], "image": img[i], "captions" if isinstance(c, list) else "txt": c}
-            for i, (k, c) in enumerate(zip(keys, caps))]
+    std = shard.get("latent_std")     # absent in folders encoded before it was stored: train on the mean
+    return [{"__key__": k, "latent": lat[i], "image": img[i], "captions" if isinstance(c, list) else "txt": c,
+             **({} if std is None else {"latent_std": std[i]})} for i, (k, c) in enumerate(zip(keys, caps))]
 
 
 class LatentDataset(ImageTextDataset):
@@ -76,8 +79,11 @@ class LatentDataset(ImageTextDataset):
         R = self.resolution
         zeros = torch.zeros(3, R, R)
         if pick_task(self.shares, rng) == "t2i":
-            return {"task": "t2i", "input_image": zeros, "output_image": zeros.clone(),
-                    "output_latent": sample["latent"].float(), "prompt": text, "answer": ""}
+            example = {"task": "t2i", "input_image": zeros, "output_image": zeros.clone(),
+                       "output_latent": sample["latent"].float(), "prompt": text, "answer": ""}
+            if "latent_std" in sample:   # training draws from the posterior, as MAR does with its cached moments
+                example["output_latent_std"] = sample["latent_std"].float()
+            return example
         image = sample["image"].float().div_(127.5).sub_(1.0)          # as data.to_tensor
         return {"task": "caption", "input_image": image, "output_image": zeros,
                 "output_latent": self.zero_latent.clone(), "prompt": "", "answer": text}
@@ -130,12 +136,13 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolu
     os.makedirs(out_dir, exist_ok=True)
     for old in glob.glob(os.path.join(out_dir, f"{split}-*.pt")):   # a re-encode replaces the split
         os.remove(old)
-    shard, batch, n, k = dict(latents=[], images=[], captions=[], keys=[]), [], 0, 0
+    shard, batch, n, k = dict(latents=[], latent_std=[], images=[], captions=[], keys=[]), [], 0, 0
 
     def flush_batch():
         images = torch.stack([b[2] for b in batch])
-        lat = vae.encode(images.to(device).float().div_(127.5).sub_(1.0)).to("cpu", dtype)
-        shard["latents"].append(lat)
+        mean, logvar = vae.posterior(images.to(device).float().div_(127.5).sub_(1.0))
+        shard["latents"].append((mean * vae.scale_factor).to("cpu", dtype))
+        shard["latent_std"].append((torch.exp(0.5 * logvar) * vae.scale_factor).to("cpu", dtype))
         shard["images"].append(images)
         shard["captions"] += [b[1] for b in batch]
         shard["keys"] += [b[0] for b in batch]
@@ -144,7 +151,7 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolu
     def write_shard():
         nonlocal k
         path = os.path.join(out_dir, f"{split}-{k:05d}.pt")
-        torch.save({key: torch.cat(v) if key in ("latents", "images") else v for key, v in shard.items()},
+        torch.save({key: torch.cat(v) if key in ("latents", "latent_std", "images") else v for key, v in shard.items()},
                    path + ".tmp")
         os.replace(path + ".tmp", path)
         log(f'{path}: {len(shard["keys"])} samples ({n} so far)')

@@ -267,7 +267,10 @@ def test_pre_encoded_latents_equal_the_vae_and_train_alike(tmp_path, vae_path):
     shard = torch.load(os.path.join(lat, "train-00000.pt"), weights_only=True)
     source = list(build_dataset("wds", data_dir=wds, resolution=32, tasks={"t2i": 1.0}, shuffle=False, epochs=1))
     images = torch.stack([e["output_image"] for e in source])
-    torch.testing.assert_close(shard["latents"], vae_lib.load_vae(vae_path).encode(images), rtol=1e-5, atol=1e-5)
+    vae = vae_lib.load_vae(vae_path)
+    torch.testing.assert_close(shard["latents"], vae.encode(images), rtol=1e-5, atol=1e-5)
+    std = torch.exp(0.5 * vae.posterior(images)[1]) * vae.scale_factor     # training draws from the posterior
+    torch.testing.assert_close(shard["latent_std"], std, rtol=1e-5, atol=1e-6)
     assert torch.equal(shard["images"].float() / 127.5 - 1, images)
     assert shard["captions"] == [e["prompt"] for e in source]
     assert vae_lib.main([*encode, "--out_dir", str(tmp_path / "lat16")]) == 40     # the default: float16
@@ -275,7 +278,8 @@ def test_pre_encoded_latents_equal_the_vae_and_train_alike(tmp_path, vae_path):
     assert half.dtype == torch.float16 and torch.allclose(half.float(), shard["latents"], atol=2e-3)
     # examples: the same keys for every task (default collate), a latent instead of the VAE
     batch = torch.utils.data.default_collate(list(itertools.islice(iter(LatentDataset(lat)), 16)))
-    assert set(batch) == {"task", "input_image", "output_image", "output_latent", "prompt", "answer"}
+    assert set(batch) == {"task", "input_image", "output_image", "output_latent", "output_latent_std", "prompt",
+                          "answer"}
     assert batch["output_latent"].shape == (16, 4, 8, 8)
     # one training step each way (the latents run finds its VAE and resolution in meta.json)
     flags = [*FAST, "--max_steps", "1", "--t2i", "0.5", "--caption", "0.5", "--eval_interval", "1000"]

@@ -365,3 +365,16 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(a, c)                            # a new dropout mask each call
     m.eval()
     assert torch.equal(hidden(m, b), hidden(m, b))
+
+
+def test_discretized_likelihood_is_the_normal_mass_of_the_bin():
+    """The t = 0 term of the learned-variance loss (improved DDPM, MAR): the probability of x's bin of width
+    2/255 under N(mean, scale), the outermost bins open to infinity."""
+    from unifluid import discretized_gaussian_log_likelihood
+    x = torch.tensor([-1.0, 0.05, 0.1, 0.17, 1.0])          # within 2 std: the tanh CDF is MAR's approximation
+    mean, scale = torch.tensor([-0.98, 0.1, 0.1, 0.1, 0.97]), torch.full_like(x, 0.05)
+    Phi = torch.special.ndtr
+    plus, minus = Phi((x - mean + 1 / 255) / scale), Phi((x - mean - 1 / 255) / scale)
+    exact = torch.where(x < -0.999, plus, torch.where(x > 0.999, 1 - minus, plus - minus)).clamp(min=1e-12).log()
+    got = discretized_gaussian_log_likelihood(x, mean, scale.log())
+    torch.testing.assert_close(got, exact, rtol=2e-3, atol=2e-3)
