@@ -7,6 +7,7 @@ Sample from a trained UniFluid: text-to-image, captioning, question answering an
     python sample.py --image scene.png                                         # prints a caption
     python sample.py --image scene.png --question "what color is the circle"   # prints the answer
     python sample.py --image scene.png --edit "make the circle green"          # -> out/shapes/edit.png
+    python sample.py --prompt "a red circle" --reveal reveal.gif    # also the image after each reveal step
     python sample.py --bench                  # images/s and tokens/s, cache on and off, on this device
 
 Reads out_dir/ckpt.pt written by train.py (EMA weights unless --no-ema). An empty prompt draws an
@@ -15,15 +16,18 @@ unconditional sample; a prompt longer than the model's text length is truncated,
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from unifluid import UniFluid
-from vae import from_pil, load_vae, save_grid, torch_load
+from vae import from_pil, load_vae, save_grid, to_pil, torch_load
+
+REVEAL_CELL, REVEAL_BAND, REVEAL_GAP = 96, 14, 4   # --reveal: px of an image at least, of the step label, between frames
 
 
 def positive(kind):
@@ -45,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--edit", help="with --image: an editing instruction; writes the edited image")
     p.add_argument("--out", help="PNG to write (default: OUT_DIR/sample.png, or OUT_DIR/edit.png)")
     p.add_argument("--num_images", type=positive(int), help="images per prompt, drawn as a grid (default 1; --bench: 8)")
+    p.add_argument("--reveal", metavar="PATH", help="also write the image after each reveal step, decoded from the "
+                   "tokens drawn so far (masked slots grey): PATH.gif animates them, PATH.png lays them in a strip")
     # image tokens (MAR sampling)
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
@@ -71,6 +77,10 @@ def parse_args(argv=None):
         p.error("--prompt is for text-to-image; with --image use --question or --edit")
     if not (args.prompt or args.prompts or args.image or args.bench):
         p.error('say what to do: --prompt "a red circle", --prompts FILE, --image PATH or --bench')
+    if args.reveal and (args.bench or args.image and args.edit is None):
+        p.error("--reveal shows an image being drawn: use it with --prompt, --prompts or --edit")
+    if args.reveal and not args.reveal.lower().endswith((".gif", ".png")):
+        p.error(f"--reveal writes a .gif (one frame per step) or a .png (a strip), not {args.reveal!r}")
     if args.text_temperature < 0 or args.temperature < 0:
         p.error("temperatures must be >= 0")
     return args
@@ -158,13 +168,60 @@ def save_png(images, rows, path):
     print(path)
 
 
-def text_to_image(model, vae, prompts, k, args, generator, und_images=None):
+def text_to_image(model, vae, prompts, k, args, generator, und_images=None, on_step=None):
     """k images per prompt -> (len(prompts) * k, 3, H, W) in [-1, 1]."""
     batch = [p for p in prompts for _ in range(k)]
     und = und_images.expand(len(batch), -1, -1, -1) if und_images is not None else None
     latents = model.generate_images(batch, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
-                                    und_images=und, generator=generator, use_cache=not args.no_cache)
+                                    und_images=und, generator=generator, use_cache=not args.no_cache,
+                                    on_step=on_step)
     return vae.decode(latents.float())
+
+
+def record_reveal(vae):
+    """-> (frames, on_step): on_step decodes each reveal step's latents into frames (a (B, 3, H, W) batch
+    each), the slots still masked painted grey. Decoding draws no random numbers, so the sample is unchanged."""
+    frames = []
+
+    def on_step(k, latents, mask):
+        images = vae.decode(latents.float())
+        g = math.isqrt(mask.shape[1])                      # slots per side, in raster order
+        s = images.shape[-1] // g                          # pixels per slot
+        hidden = mask.view(-1, 1, g, g).repeat_interleave(s, 2).repeat_interleave(s, 3)
+        frames.append(images.masked_fill(hidden, 0.0))     # 0 = mid grey in [-1, 1]
+    return frames, on_step
+
+
+def save_reveal(frames, rows, path):
+    """One frame per reveal step, each the sample's grid (a row per prompt) upscaled to REVEAL_CELL px an
+    image, under its step number: a GIF, or a PNG strip of the frames left to right (written whole, or not at all)."""
+    cols, H = len(frames[0]) // rows, frames[0].shape[-1]
+    scale = -(-REVEAL_CELL // H)                           # a whole factor, so pixels stay sharp squares
+    pics = []
+    for k, images in enumerate(frames):
+        grid = Image.new("RGB", (cols * H, rows * H))
+        for i, im in enumerate(to_pil(images)):
+            grid.paste(im, ((i % cols) * H, (i // cols) * H))
+        pic = Image.new("RGB", (grid.width * scale, REVEAL_BAND + grid.height * scale), "white")
+        pic.paste(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), (0, REVEAL_BAND))
+        ImageDraw.Draw(pic).text((2, 1), f"step {k + 1}/{len(frames)}", fill="black")
+        pics.append(pic)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if path.lower().endswith(".gif"):                  # the last frame stays up longer
+            pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], loop=0,
+                         duration=[400] * (len(pics) - 1) + [2000])
+        else:
+            w = pics[0].width + REVEAL_GAP
+            strip = Image.new("RGB", (len(pics) * w - REVEAL_GAP, pics[0].height), "white")
+            for k, pic in enumerate(pics):
+                strip.paste(pic, (k * w, 0))
+            strip.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        fail(f"cannot write {path}: {e}")
+    print(path)
 
 
 @contextlib.contextmanager
@@ -237,15 +294,18 @@ def main(argv=None):
     with torch.no_grad(), amp:
         if args.bench:
             return bench(model, vae, args, device)
+        frames, on_step = record_reveal(vae) if args.reveal else (None, None)
         if not args.image:                                                         # text -> image
             prompts = read_prompts(args, model)
-            images = text_to_image(model, vae, prompts, args.num_images or 1, args, generator)
-            return save_png(images, len(prompts), default_out(args, "sample.png"))
+            images = text_to_image(model, vae, prompts, args.num_images or 1, args, generator, on_step=on_step)
+            save_png(images, len(prompts), default_out(args, "sample.png"))
+            return save_reveal(frames, len(prompts), args.reveal) if args.reveal else None
         image = read_image(args.image, size).to(device)
         if args.edit is not None:                                                  # image + instruction -> image
             images = text_to_image(model, vae, [check_prompt(model, args.edit)], args.num_images or 1, args,
-                                   generator, und_images=image)
-            return save_png(images, 1, default_out(args, "edit.png"))
+                                   generator, und_images=image, on_step=on_step)
+            save_png(images, 1, default_out(args, "edit.png"))
+            return save_reveal(frames, 1, args.reveal) if args.reveal else None
         question = check_prompt(model, args.question or "")                        # '' = caption
         text = model.generate_text(image, [question], args.max_new_tokens or model.cfg.max_text_len,
                                    args.text_temperature, args.top_k, generator, use_cache=not args.no_cache)[0]

@@ -914,13 +914,16 @@ class UniFluid(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
-                        und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear"):
+                        und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear",
+                        on_step=None):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
         cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction
         (cfg_schedule "linear", MAR's default) or stays at cfg ("constant", MAR's other option).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
-        (use_cache). Both switches exist for the naive baseline of `sample.py --bench`."""
+        (use_cache). Both switches exist for the naive baseline of `sample.py --bench`. on_step(k, latents,
+        mask), if given, sees each step's result: the grids drawn so far (masked slots hold zeros) and the
+        (B, N) mask of the slots still masked (`sample.py --reveal` draws them; it must not use generator)."""
         config, dev = self.cfg, self.llm.embed_tokens.weight.device
         B, N, guided = len(prompts), config.num_image_tokens, cfg != 1.0
         task = "edit" if und_images is not None else "t2i"
@@ -973,6 +976,8 @@ class UniFluid(nn.Module):
             tokens = tokens.clone()
             tokens[reveal] = out.to(tokens.dtype)
             mask = new_mask
+            if on_step is not None:
+                on_step(k, unpatchify(tokens, config.patch_size, config.latent_channels), mask)
         return unpatchify(tokens, config.patch_size, config.latent_channels)
 
     @torch.no_grad()

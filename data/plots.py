@@ -6,6 +6,7 @@ table on stdout.
     python data/plots.py order [out/order]    # random against raster order at several budgets -> docs/order.png
     python data/plots.py layout [out/layout]  # Gemma-1 against Gemma-2/3 decoder layout -> docs/layout.png
     python data/plots.py edits [out/edit [N]]    # N held-out edits of a checkpoint, oracle-scored -> docs/edits.png
+    python data/plots.py masks                # the attention masks of the three layouts -> docs/masks.png
 
 sweep: one run per weight (and seed) in SWEEP/w<weight>[_s<seed>]/eval.json (the loop in docs/results.md, "The trade-off");
 the picture draws each weight's mean over its seeds.
@@ -15,6 +16,8 @@ layout: runs in LAYOUT/<gemma1|gemma2>_s<seed>/ (eval.json and log.jsonl); the p
 text loss along training.
 edits: the checkpoint in RUN/ckpt.pt (EMA weights, sampling defaults) edits the first N (16) held-out scenes that
 evaluation uses (seed 0); each row is the input with its instruction, the edit, and the target scene.
+masks: no run needed; one short batch of the three layouts (4 und slots, 4 gen slots, word tokens), left-padded
+as in training, its masks from unifluid.attention_mask in random and in raster order.
 curve: the eval_step*.json that `train.py --accuracy_interval N` writes along one run; x is minutes of
 training at S seconds per step (e.g. CPU seconds per step measured with /usr/bin/time), by default the
 step time in the run's log.jsonl.
@@ -185,6 +188,73 @@ def edits(run="out/edit", n=16):
     print(f"{sum(right)} of {len(right)} edits right (the oracle reads each edit back)")
 
 
+SEGMENTS = {"text": (40, 90, 200), "und slots": (30, 150, 60), "gen slots": (200, 40, 40), "padding": (150, 150, 150)}
+
+
+def masks():
+    """Who attends to whom: one batch holding a generation, an understanding and an editing example, left-padded
+    to one length as in training; a panel per layout and order, rows = queries, columns = keys, a cell filled
+    with the key's segment colour where attention_mask allows it. The same masks are printed as text."""
+    sys.path.insert(0, ROOT)
+    from unifluid import KIND_GEN, KIND_PAD, KIND_TEXT, KIND_UND, SPECIALS, Config, UniFluid, WordTokenizer, \
+        attention_mask
+    texts = ["red circle", "color", "red", "make blue"]
+    tok = WordTokenizer.build(texts * 2)                 # one token a word: a short example
+    model = UniFluid(Config.preset("tiny", image_size=16, latent_size=4), tok)   # 4 und slots, 4 gen slots
+    layouts = ["generation", "understanding", "editing"]
+    batch = model.make_batch(["t2i", "vqa", "edit"], ["red circle", "color", "make blue"], ["", "red", ""])
+    kind, ids = batch["kind"], batch["ids"]
+    color = {KIND_TEXT: SEGMENTS["text"], KIND_UND: SEGMENTS["und slots"], KIND_GEN: SEGMENTS["gen slots"],
+             KIND_PAD: SEGMENTS["padding"]}
+    names = []                                           # a short name per position of each row
+    for row_ids, row_kind in zip(ids.tolist(), kind.tolist()):
+        n = {KIND_UND: 0, KIND_GEN: 0}
+        row = []
+        for i, k in zip(row_ids, row_kind):
+            if k in n:
+                n[k] += 1
+            row.append({KIND_PAD: "pad", KIND_UND: f"u{n.get(KIND_UND)}", KIND_GEN: f"g{n.get(KIND_GEN)}"}.get(k)
+                       or (SPECIALS[i] if i < len(SPECIALS) else tok.decode([i]).strip()))
+        names.append(row)
+    orders = ["random", "raster"]
+    allowed = {o: attention_mask(kind, order=o)[:, 0] for o in orders}           # (3, T, T) each
+    T, C, L, TOP, GAP = kind.shape[1], 16, 44, 56, 24    # cell, label widths, gap between panels
+    pw, ph = L + T * C, TOP + T * C                      # one panel
+    img = Image.new("RGB", (3 * pw + 2 * GAP + 20, 2 * ph + GAP + 80), "white")
+    d = ImageDraw.Draw(img)
+    for oi, o in enumerate(orders):
+        for li, layout in enumerate(layouts):
+            x0, y0 = 10 + li * (pw + GAP), 10 + oi * (ph + GAP)
+            d.text((x0 + L, y0), f"{layout}, {o} order", fill="black")
+            gx, gy = x0 + L, y0 + TOP
+            for j, name in enumerate(names[li]):         # keys along the top (written upwards), queries down the left
+                label = Image.new("RGB", (TOP - 16, C), "white")
+                ImageDraw.Draw(label).text((1, 2), name[:7], fill="black")
+                img.paste(label.rotate(90, expand=True), (gx + j * C, y0 + 14))
+                d.text((x0, gy + j * C + 2), name[:7], fill="black")
+            m = allowed[o][li]
+            for q in range(T):
+                for k in range(T):
+                    fill = color[int(kind[li, k])] if m[q, k] else "white"
+                    d.rectangle([gx + k * C, gy + q * C, gx + (k + 1) * C - 1, gy + (q + 1) * C - 1],
+                                fill=fill, outline=(225, 225, 225))
+            d.rectangle([gx, gy, gx + T * C - 1, gy + T * C - 1], outline="black")
+            print(f"{layout}, {o} order (rows = queries, columns = keys, # = may attend):")
+            for q in range(T):
+                print(f"  {names[li][q]:>8} " + "".join("#" if m[q, k] else "." for k in range(T)))
+    y = img.height - 36
+    x = 10 + L
+    d.text((x, y - 16), "rows = queries, columns = keys; a filled cell may attend, coloured by the key's segment:",
+           fill="black")
+    for name, c in SEGMENTS.items():
+        d.rectangle([x, y + 4, x + 12, y + 16], fill=c)
+        d.text((x + 18, y + 5), name, fill="black")
+        x += 110
+    path = os.path.join(ROOT, "docs", "masks.png")
+    img.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def curve(run="out/curve", s_per_step=None):
     found = [(int(re.search(r"eval_step(\d+)\.json$", p).group(1)), p)
              for p in glob.glob(os.path.join(run, "eval_step*.json"))]
@@ -205,8 +275,8 @@ def curve(run="out/curve", s_per_step=None):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    commands = {"sweep": sweep, "curve": curve, "order": order, "layout": layout, "edits": edits}
+    commands = {"sweep": sweep, "curve": curve, "order": order, "layout": layout, "edits": edits, "masks": masks}
     if what not in commands:
         raise SystemExit("usage: python data/plots.py sweep [SWEEP_DIR] | curve [RUN_DIR [S]] | order [ORDER_DIR]"
-                         " | layout [LAYOUT_DIR] | edits [RUN_DIR [N]]")
+                         " | layout [LAYOUT_DIR] | edits [RUN_DIR [N]] | masks")
     commands[what](*sys.argv[2:4])

@@ -82,6 +82,30 @@ def test_text_to_image_grid_and_seed(ckpt, tmp_path):
     assert not np.array_equal(pixels(a), pixels(d)), "another seed should give another image"
 
 
+def test_reveal_frames_end_on_the_sample(ckpt, tmp_path):
+    """--reveal: one frame per reveal step, the first with the not-yet-drawn slots grey, the last exactly the
+    sample; the sample itself is the one drawn without --reveal (same seed)."""
+    from sample import REVEAL_BAND, REVEAL_CELL, REVEAL_GAP
+    plain, a, b = tmp_path / "plain.png", tmp_path / "a.png", tmp_path / "b.png"
+    prompts = ["--prompt", "a red circle", "--prompt", "two blue squares", "--num_images", 2, *FAST]
+    run("--out_dir", ckpt, *prompts, "--out", plain)
+    p = run("--out_dir", ckpt, *prompts, "--out", a, "--reveal", tmp_path / "reveal.png")
+    assert p.stdout.split() == [str(a), str(tmp_path / "reveal.png")]
+    run("--out_dir", ckpt, *prompts, "--out", b, "--reveal", tmp_path / "reveal.gif")
+    sample = pixels(plain)
+    assert np.array_equal(pixels(a), sample) and np.array_equal(pixels(b), sample), "--reveal changed the sample"
+    with Image.open(tmp_path / "reveal.gif") as gif:
+        assert gif.n_frames == 4                                              # FAST: 4 reveal steps
+    s = -(-REVEAL_CELL // 32)                                                 # 32 px images, upscaled s times
+    fw, fh = 2 * 32 * s, REVEAL_BAND + 2 * 32 * s                             # a frame: 2 x 2 images under a label
+    strip = pixels(tmp_path / "reveal.png")
+    assert strip.shape == (fh, 4 * fw + 3 * REVEAL_GAP, 3)
+    frame = lambda k: strip[REVEAL_BAND:, k * (fw + REVEAL_GAP):k * (fw + REVEAL_GAP) + fw][::s, ::s]
+    assert np.array_equal(frame(3), sample), "the last frame must be the sample"
+    slots = frame(0)[:32, :32].reshape(4, 8, 4, 8, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)
+    assert sum((slot == 128).all() for slot in slots) == 14    # floor(16 cos(pi/8)) slots still masked after step 1
+
+
 def test_prompts_file_and_default_out(ckpt, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a red circle\n\ntwo blue squares\n")

@@ -154,6 +154,26 @@ def test_raster_generation_runs():
     assert out.shape[0] == 1 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("order,steps", [("random", 5), ("raster", 16)])
+def test_on_step_sees_each_reveal_and_leaves_the_sample_unchanged(order, steps):
+    """One call per reveal step (num_iter in random order, one per slot in raster order); the masked slots
+    shrink to none, a drawn slot never changes, the last call holds the sample, and the hook changes nothing."""
+    m = tiny(order=order).eval()
+    randomize_head(m)
+    run = lambda **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=5, cfg=2.0, diffusion_steps=4,
+                                         generator=torch.Generator().manual_seed(0), **kw)
+    seen = []
+    out = run(on_step=lambda k, latents, mask: seen.append((k, latents.clone(), mask.clone())))
+    assert [k for k, _, _ in seen] == list(range(steps))
+    masked = [int(mask.sum()) for _, _, mask in seen]
+    assert all(a > b for a, b in zip(masked, masked[1:])) and masked[-1] == 0
+    p = m.cfg.patch_size
+    for (_, before, mask), (_, after, _) in zip(seen, seen[1:]):
+        drawn = ~mask.unsqueeze(-1).expand(-1, -1, m.cfg.token_dim)          # (B, N, Dt)
+        assert torch.equal(patchify(before, p)[drawn], patchify(after, p)[drawn]), "a drawn slot changed"
+    assert torch.equal(seen[-1][1], out) and torch.equal(run(), out)
+
+
 # ---- masking and the image loss
 
 def test_masked_fraction_and_loss_on_masked_slots_only(monkeypatch):
