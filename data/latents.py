@@ -78,15 +78,17 @@ class LatentDataset(ImageTextDataset):
             else sample["txt"]
         R = self.resolution
         zeros = torch.zeros(3, R, R)
-        if pick_task(self.shares, rng) == "t2i":
-            example = {"task": "t2i", "input_image": zeros, "output_image": zeros.clone(),
-                       "output_latent": sample["latent"].float(), "prompt": text, "answer": ""}
-            if "latent_std" in sample:   # training draws from the posterior, as MAR does with its cached moments
-                example["output_latent_std"] = sample["latent_std"].float()
-            return example
+        # training draws from the VAE posterior, as MAR does with its cached moments (folders encoded before
+        # the std was stored train on the mean); every row carries the same keys, so batches collate
+        t2i = pick_task(self.shares, rng) == "t2i"
+        std = {} if "latent_std" not in sample else \
+            {"output_latent_std": sample["latent_std"].float() if t2i else self.zero_latent.clone()}
+        if t2i:
+            return {"task": "t2i", "input_image": zeros, "output_image": zeros.clone(),
+                    "output_latent": sample["latent"].float(), "prompt": text, "answer": "", **std}
         image = sample["image"].float().div_(127.5).sub_(1.0)          # as data.to_tensor
         return {"task": "caption", "input_image": image, "output_image": zeros,
-                "output_latent": self.zero_latent.clone(), "prompt": "", "answer": text}
+                "output_latent": self.zero_latent.clone(), "prompt": "", "answer": text, **std}
 
     def captions(self, n):
         out = []
