@@ -163,6 +163,8 @@ def get_args(argv=None):
         spec = getattr(args, flag)
         if spec.startswith(prefix) and not os.path.exists(os.path.join(spec[len(prefix):], needs)):
             p.error(f"--{flag} {spec}: no {needs} there (expected a Hugging Face model folder)")
+    if args.inception and not os.path.exists(args.inception):
+        p.error(f"--inception {args.inception}: no such file (expected inception-2015-12-05.pt, see docs/evaluation.md)")
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards the model over the processes that torchrun starts: launch with "
                 "`torchrun --nproc_per_node N train.py ... --fsdp`")
@@ -524,8 +526,8 @@ def build_tokenizer(args, gemma):
     if args.tokenizer == "word":
         from data import text_corpus
         with dataset_errors():           # shapes' corpus covers its few dozen words with a few thousand texts
-            return WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
-                                                   5_000 if args.dataset == "shapes" else 50_000))
+            return WordTokenizer.build(text_corpus(args.dataset, args.data_dir,    # held-out captions excluded
+                                                   5_000 if args.dataset == "shapes" else 50_000, holdout=args.holdout))
     if args.tokenizer.startswith("gemma:"):
         with open(os.path.join(args.tokenizer[len("gemma:"):], "tokenizer.json"), encoding="utf-8") as f:
             return GemmaTokenizer(f.read(), gemma[0]["vocab_size"] if gemma else None)

@@ -140,9 +140,11 @@ def build_dataset(name, data_dir=None, split="train", resolution=32, seed=0, tas
     raise ValueError(f"unknown dataset {name!r}; expected shapes, latents or one of {REAL_DATASETS}")
 
 
-def text_corpus(name, data_dir=None, n=2000, seed=0):
+def text_corpus(name, data_dir=None, n=2000, seed=0, holdout=None):
     """Sample texts (prompts and answers) to build the word vocabulary from. For shapes it covers
-    every word the dataset can emit (training texts, eval prompts, questions, answers, edits)."""
+    every word the dataset can emit (training texts, eval prompts, questions, answers, edits); for real
+    data, the training part only (holdout: as build_dataset's, None = the reader's default)."""
+    hold = {} if holdout is None else {"holdout": holdout}
     if name == "shapes":
         out = [" ".join(shapes.WORDS)]  # guarantees full coverage whatever n is
         for i in range(n):
@@ -161,8 +163,8 @@ def text_corpus(name, data_dir=None, n=2000, seed=0):
         return out[:max(n, 1)]
     if name == "latents":
         from .latents import LatentDataset
-        return LatentDataset(data_dir, shuffle=False).captions(n)
+        return LatentDataset(data_dir, shuffle=False, **hold).captions(n)
     if name in REAL_DATASETS:
         from .imagetext import caption_corpus
-        return caption_corpus(name, data_dir, n, seed)
+        return caption_corpus(name, data_dir, n, seed, **hold)
     raise ValueError(f"unknown dataset {name!r}; expected shapes or one of {REAL_DATASETS}")

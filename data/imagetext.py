@@ -591,6 +591,6 @@ def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, share
     return ds
 
 
-def caption_corpus(name, data_dir, n=2000, seed=0):
-    """The first n captions of a real dataset (for the word vocabulary)."""
-    return build_imagetext(name, data_dir, "train", seed=seed, shuffle=False).captions(n)
+def caption_corpus(name, data_dir, n=2000, seed=0, holdout=HOLDOUT):
+    """The first n captions of a real dataset's training part (for the word vocabulary)."""
+    return build_imagetext(name, data_dir, "train", seed=seed, shuffle=False, holdout=holdout).captions(n)
