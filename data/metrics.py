@@ -169,8 +169,7 @@ def cider(hypotheses, references, sigma=6.0):
         for g, tf in counts.items():
             v[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
             norm[len(g) - 1] += v[len(g) - 1][g] ** 2
-        # COCO's length is the count of bigrams (its index 1), kept here so the scores agree
-        return v, [math.sqrt(x) for x in norm], sum(counts[g] for g in v[1])
+        return v, [math.sqrt(x) for x in norm], sum(counts[g] for g in v[0])    # length in words
 
     scores = []
     for hyp, rs in zip(hypotheses, refs):
