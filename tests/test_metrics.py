@@ -52,18 +52,29 @@ def _reference_fid(mu1, s1, mu2, s2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
-def test_frechet_distance_equals_the_reference_computation():
+def _features(seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) + rng.normal(size=16)
+
+
+def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
-    b = rng.normal(size=(300, 16)) * 1.5 + 0.3
-    # diagonal covariances have a closed form: |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2
     d1, d2 = rng.uniform(0.1, 4, 16), rng.uniform(0.1, 4, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum()
     assert metrics.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(closed, rel=1e-10)
+    a = _features(1)
     assert metrics.frechet_distance(*metrics.gaussian(a), *metrics.gaussian(a)) == pytest.approx(0.0, abs=1e-8)
-    assert metrics.frechet_distance(*metrics.gaussian(a), *metrics.gaussian(b)) == \
-        pytest.approx(_reference_fid(*metrics.gaussian(a), *metrics.gaussian(b)), rel=1e-8)
+    # a singular covariance (fewer samples than dimensions, as FID of < 2048 images has): still real, >= 0
+    few = metrics.gaussian(a[:5])
+    assert abs(metrics.frechet_distance(*few, *few)) < 1e-6 * np.trace(few[1])
+    assert metrics.frechet_distance(*few, *metrics.gaussian(_features(2))) > 0
+
+
+def test_frechet_distance_equals_the_scipy_computation_of_pytorch_fid_and_clean_fid():
+    a, b = metrics.gaussian(_features(1)), metrics.gaussian(_features(2))
+    assert metrics.frechet_distance(*a, *b) == pytest.approx(_reference_fid(*a, *b), rel=1e-8)
 
 
 @pytest.fixture(scope="module")
