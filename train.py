@@ -1216,6 +1216,9 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     return out
 
 
+REAL_FID_STATS = {}   # Inception statistics of the held-out images, kept between a run's evaluations
+
+
 @torch.no_grad()
 def evaluate_heldout(model, vae, args, log=print):
     """The paper's metrics on held-out data (data/metrics.py): FID of --fid N images generated from held-out
@@ -1251,7 +1254,11 @@ def evaluate_heldout(model, vae, args, log=print):
         generate = lambda prompts: vae.decode(model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
                                                                     args.diffusion_steps, generator=g)).float()
         feats = metrics.InceptionFeatures(path, g.device)
-        out.update(fid=metrics.fid(feats, generate, [c[0] for c in captions[:n]], images[:n], args.batch_size), fid_n=n)
+        key = (path, args.dataset, args.data_dir, args.holdout, args.seed, res, n)   # the real side of FID is
+        if key not in REAL_FID_STATS:                                # fixed: computed once per run
+            REAL_FID_STATS[key] = metrics.inception_stats(feats, images[:n].split(args.batch_size), n, "FID: real")
+        out.update(fid=metrics.fid(feats, generate, [c[0] for c in captions[:n]], None, args.batch_size,
+                                   REAL_FID_STATS[key]), fid_n=n)
         log(f"eval: FID {out['fid']:.2f} of {n} images against held-out images")
     return out
 
