@@ -114,12 +114,16 @@ def test_pre_encoded_latents_hold_out_the_same_samples(tmp_path, vae_path):
                       "--resolution", "32", "--out_dir", lat])
 
 
-def test_train_streams_and_validation_follow_the_holdout_flag(tmp_path, capsys):
-    """train.py's per-task streams (with a resume offset) read the training part of --holdout, its
-    validation stream the held-out part, and the log says where validation comes from."""
+def test_train_streams_and_validation_follow_the_holdout_flag(tmp_path, monkeypatch):
+    """train.py's per-task streams (with a resume offset) and its word vocabulary read the training part
+    of --holdout, its validation stream the held-out part, and the stream says where validation comes from."""
     name, data_dir, keys = _write(tmp_path, "wds")
     held = {c for c, k in keys.items() if is_heldout(k, HOLDOUT)}
     args = train.get_args(["--dataset", name, "--data_dir", data_dir, "--resolution", "16", "--holdout", str(HOLDOUT)])
+    texts = []
+    monkeypatch.setattr(train.WordTokenizer, "build", classmethod(lambda cls, t: texts.extend(t) or cls([])))
+    train.build_tokenizer(args, None)
+    assert set(texts) == set(keys) - held
     streams = train.TaskStreams(args, 0, 1, start_step=3, rows={"t2i": 3, "caption": 1})
     seen = {e["prompt"] or e["answer"] for _ in range(20) for e in streams.take(4)}
     assert seen == set(keys) - held
