@@ -584,7 +584,7 @@ def setup_vae(args, device, is_master, log):
                 f"({args.vae_steps} steps; later runs reuse it)")
             with dataset_errors():       # a dataset error while the VAE trains is one sentence too
                 ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
-                                   seed=args.seed, tasks={"t2i": 1.0})
+                                   seed=args.seed, tasks={"t2i": 1.0}, holdout=args.holdout)
                 train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
         if dist.is_initialized():
             dist.barrier()               # the other ranks wait for rank 0's VAE
@@ -878,8 +878,7 @@ class ShardStream:
     (--holdout); with --holdout 0, on its training split with another seed. `note` says which."""
 
     def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
-        from data import build_dataset
-        from data import validation_note
+        from data import build_dataset, validation_note
         from data.imagetext import EmptySplit
         kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards,
                   holdout=args.holdout)
@@ -887,7 +886,7 @@ class ShardStream:
             self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
             self.note = validation_note(self.ds)
             if split != "train":
-                next(iter(self.ds))      # a few samples' data held out by 2 % can be none at all
+                next(iter(self.ds))      # the held-out part of a small dataset can be empty
         except (FileNotFoundError, EmptySplit) as e:
             if split == "train":
                 raise
