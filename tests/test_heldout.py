@@ -131,3 +131,26 @@ def test_train_streams_and_validation_follow_the_holdout_flag(tmp_path, monkeypa
     assert {e["prompt"] for e in val.take(2 * N)} == held and "held out of training" in val.note
     args.holdout = 0       # nothing held out: validation reads the training data, and says so
     assert "cannot show overfitting" in train.ShardStream(args, "val", 0, 1).note
+
+
+def test_the_vae_trained_first_never_sees_held_out_images(tmp_path, monkeypatch):
+    """train.py without --vae trains a VAE on the dataset first: on the training part of --holdout only."""
+    import itertools
+    import vae
+    (tmp_path / "d").mkdir()
+    name, data_dir, keys = _write(tmp_path / "d", "wds")
+    held = {c for c, k in keys.items() if is_heldout(k, HOLDOUT)}
+    args = train.get_args(["--dataset", name, "--data_dir", data_dir, "--resolution", "16", "--holdout", str(HOLDOUT),
+                           "--out_dir", str(tmp_path / "out" / "run")])
+    seen = set()
+
+    class Stop(Exception):
+        pass
+
+    def record(ds, out_dir, **kw):
+        seen.update(ex["prompt"] for ex in itertools.islice(ds, 3 * N))
+        raise Stop
+    monkeypatch.setattr(vae, "train_vae", record)
+    with pytest.raises(Stop):
+        train.setup_vae(args, torch.device("cpu"), True, print)
+    assert seen == set(keys) - held
