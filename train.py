@@ -1165,7 +1165,11 @@ def evaluate(model, vae, args, device, log=print):
     model.eval()
     if args.dataset == "shapes":
         out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
-    out.update(evaluate_heldout(model, vae, args, log))
+    from data.metrics import evaluate_heldout
+    out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
+                                0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
+                                num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
+                                diffusion_steps=args.diffusion_steps))
     out.update(val_losses(model, val_batches(args, model, vae, device)))
     return out
 
@@ -1212,53 +1216,6 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
         out[f"vqa/{kind}"] = mean(lambda k: k == kind, vqa_hits, kinds)
     edited = gen([s["instruction"] for s in scenes], und)
     out["edit_accuracy"] = sum(shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
-    return out
-
-
-REAL_FID_STATS = {}   # Inception statistics of the held-out images, kept between a run's evaluations
-
-
-@torch.no_grad()
-def evaluate_heldout(model, vae, args, log=print):
-    """The paper's metrics on held-out data (data/metrics.py): FID of --fid N images generated from held-out
-    captions against the held-out images (shapes: rendered held-out scenes and their captions); on real
-    data also CIDEr / BLEU-4 of the captions the model writes for 2 x --eval_n held-out images."""
-    from data import build_dataset, metrics, shapes
-    from vae import from_pil
-    res, g = model.cfg.image_size, torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(args.seed)
-    out, n_cap = {}, 0 if args.dataset == "shapes" else 2 * args.eval_n
-    if args.dataset == "shapes" and args.fid:    # other scenes than the oracle's (seed + 1), full captions
-        scenes = shapes.eval_scenes(args.fid, seed=args.seed + 1, split="test", resolution=res)
-        images, captions = from_pil([s["image"] for s in scenes], res), [[s["caption"]] for s in scenes]
-    elif args.dataset != "shapes" and (args.fid or n_cap):
-        ds = build_dataset(args.dataset, data_dir=args.data_dir, split="val", resolution=res, holdout=args.holdout)
-        images, captions = metrics.heldout_pairs(ds, max(args.fid, n_cap))
-        if not captions:
-            log(f"eval: no held-out image to score (--holdout {args.holdout:g} of this data is empty)")
-            return out
-    if n_cap:
-        texts = [t for i in range(0, len(images[:n_cap]), 128) for t in model.generate_text(
-            images[i:i + 128], [""] * len(images[i:i + 128]), max_new_tokens=model.cfg.max_text_len)]
-        refs = captions[:len(texts)]
-        out.update(cider=metrics.cider(texts, refs), bleu4=metrics.bleu4(texts, refs), caption_n=len(texts))
-        log(f"eval: CIDEr {out['cider']:.3f}, BLEU-4 {out['bleu4']:.3f} on {len(texts)} held-out images")
-    if args.fid:
-        path = metrics.find_inception(args.inception)
-        if path is None:
-            log(f"eval: FID skipped: {metrics.GET_INCEPTION}")
-            return out
-        n = min(args.fid, len(images))
-        if n < args.fid:
-            log(f"eval: FID on the {n} held-out images there are (--fid {args.fid})")
-        generate = lambda prompts: vae.decode(model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
-                                                                    args.diffusion_steps, generator=g)).float()
-        feats = metrics.InceptionFeatures(path, g.device)
-        key = (path, args.dataset, args.data_dir, args.holdout, args.seed, res, n)   # the real side of FID is
-        if key not in REAL_FID_STATS:                                # fixed: computed once per run
-            REAL_FID_STATS[key] = metrics.inception_stats(feats, images[:n].split(args.batch_size), n, "FID: real")
-        out.update(fid=metrics.fid(feats, generate, [c[0] for c in captions[:n]], None, args.batch_size,
-                                   REAL_FID_STATS[key]), fid_n=n)
-        log(f"eval: FID {out['fid']:.2f} of {n} images against held-out images")
     return out
 
 

