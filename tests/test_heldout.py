@@ -154,3 +154,13 @@ def test_the_vae_trained_first_never_sees_held_out_images(tmp_path, monkeypatch)
     with pytest.raises(Stop):
         train.setup_vae(args, torch.device("cpu"), True, print)
     assert seen == set(keys) - held
+
+
+@pytest.mark.parametrize("layout", ["wds", "tsv"])
+def test_a_dataset_too_small_to_hold_anything_out_validates_on_training_data_and_says_so(tmp_path, layout):
+    name, data_dir, keys = _write(tmp_path, layout)
+    assert not any(is_heldout(k, 0.001) for k in keys.values())
+    args = train.get_args(["--dataset", name, "--data_dir", data_dir, "--resolution", "16", "--holdout", "0.001"])
+    val = train.ShardStream(args, "val", 0, 1, tasks={"t2i": 1.0})
+    assert "held-out part of this small dataset is empty" in val.note
+    assert {e["prompt"] for e in val.take(N)} == set(keys)
