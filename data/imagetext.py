@@ -584,7 +584,12 @@ def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, share
     elif not train and not holdout:
         raise FileNotFoundError(f"{data_dir} has no validation split and --holdout is 0, so nothing is held out")
     elif layout == "tsv":   # drop the other part's records up front: their images are never opened
-        items = [r for r in items if is_heldout(r[2], holdout) != train]
+        kept = [r for r in items if is_heldout(r[2], holdout) != train]
+        if not kept:
+            raise EmptySplit(f"none of the {len(items)} records of {data_dir} falls in the "
+                             f"{'training' if train else 'held-out'} part (--holdout {holdout:g}): use more data "
+                             f"or another --holdout")
+        items = kept
     ds = ImageTextDataset(items, read, label, resolution, seed, shares, rank, world_size, holdout=holdout,
                           heldout=not train, **kwargs)
     ds.own_split = own_split
