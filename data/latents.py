@@ -21,10 +21,9 @@ import glob
 import json
 import os
 
-import numpy as np
 import torch
 
-from .imagetext import README, IMAGE_EXTS, ImageTextDataset, Skip, build_imagetext, decode_caption, decode_image
+from .imagetext import HOLDOUT, README, ImageTextDataset, build_imagetext, is_heldout
 from . import pick_task
 
 ENCODE = "python vae.py --encode --vae VAE --dataset NAME --data_dir DIR --resolution R --out_dir LATENT_DIR"
@@ -58,18 +57,27 @@ class LatentDataset(ImageTextDataset):
     """Examples from the shards of a latent folder (see the module docstring)."""
 
     def __init__(self, latent_dir, split="train", resolution=None, seed=0, shares=None, rank=0, world_size=1,
-                 **kwargs):
+                 holdout=HOLDOUT, **kwargs):
         self.meta = read_meta(latent_dir)
         if resolution and resolution != self.meta["resolution"]:
             raise ValueError(f"the latents in {latent_dir} were encoded from {self.meta['resolution']} px images, "
                              f"not {resolution}: drop --resolution, or encode again at {resolution}")
-        items = sorted(glob.glob(os.path.join(latent_dir, f"{split}-*.pt")))
+        train = split == "train"
+        # a source without a validation split was encoded whole into train-*.pt: the held-out part is
+        # taken from it by key, exactly as the image reader takes it from the source
+        self.own_split = self.meta.get("own_val_split", bool(glob.glob(os.path.join(latent_dir, "val-*.pt"))))
+        if self.own_split:
+            holdout = 0.0
+        elif not train and not holdout:
+            raise FileNotFoundError(f"{latent_dir} has no validation split and --holdout is 0, so nothing is held out")
+        part = split if self.own_split else "train"
+        items = sorted(glob.glob(os.path.join(latent_dir, f"{part}-*.pt")))
         if not items:
-            raise FileNotFoundError(f"no {split}-*.pt shards in {latent_dir}: make them with `{ENCODE} --split {split}`")
-        kwargs.setdefault("shuffle", split == "train")
-        kwargs.setdefault("epochs", None if split == "train" else 1)
+            raise FileNotFoundError(f"no {part}-*.pt shards in {latent_dir}: make them with `{ENCODE} --split {part}`")
+        kwargs.setdefault("shuffle", train)
+        kwargs.setdefault("epochs", None if train else 1)
         super().__init__(items, _read_shard, items.__getitem__, self.meta["resolution"], seed, shares, rank,
-                         world_size, **kwargs)
+                         world_size, holdout=holdout, heldout=not train, **kwargs)
         self.zero_latent = torch.zeros(self.meta["latent_shape"])
 
     def example(self, sample, rng):
@@ -90,36 +98,20 @@ class LatentDataset(ImageTextDataset):
         return {"task": "caption", "input_image": image, "output_image": zeros,
                 "output_latent": self.zero_latent.clone(), "prompt": "", "answer": text, **std}
 
+    def pairs(self):
+        """(key, caption or [captions], uint8 (3, R, R) image) of this split, in order (as the image reader's)."""
+        for sample in self.raw_samples(0, 0, 1):
+            yield sample["__key__"], sample["captions"] if "captions" in sample else sample["txt"], sample["image"]
+
     def captions(self, n):
         out = []
         for item in self.items:
             for s in _read_shard(item):
-                if "__error__" not in s:
+                if "__error__" not in s and not (self.holdout and is_heldout(s["__key__"], self.holdout)):
                     out.extend(s["captions"] if "captions" in s else [s["txt"]])
             if len(out) >= n:
                 break
         return out[:n]
-
-
-def _source_samples(ds):
-    """(key, caption or [captions], uint8 (3, R, R)) of every readable sample of an ImageTextDataset, in
-    order; the others are counted in ds.stats."""
-    for sample in ds.raw_samples(0, 0, 1):
-        try:
-            if "captions" in sample:
-                caps = [decode_caption(dict(sample, txt=c)) for c in sample["captions"]]
-                if not caps:
-                    raise Skip("missing_caption")
-            else:
-                caps = decode_caption(sample)
-            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            if data is None:
-                raise Skip("missing_image")
-            img = decode_image(data, ds.resolution, ds.max_pixels)
-        except Skip as e:
-            ds.stats[e.args[0]] += 1
-            continue
-        yield sample["__key__"], caps, torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()
@@ -134,7 +126,14 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolu
     if meta and (meta["vae"], meta["resolution"]) != (vae_spec, resolution):
         raise ValueError(f'{out_dir} holds latents of another VAE or resolution ({meta["vae"]}, {meta["resolution"]} '
                          f"px): use a new --out_dir")
-    source = build_imagetext(name, data_dir, split, resolution, shuffle=False, epochs=1)
+    # everything of the split, held-out part included: the latent reader holds the same part out by key
+    try:
+        source = build_imagetext(name, data_dir, split, resolution, shuffle=False, epochs=1, holdout=0)
+    except FileNotFoundError:
+        if split == "train":
+            raise
+        raise FileNotFoundError(f"{data_dir} has no validation split of its own: encode --split train only; "
+                                f"train.py holds part of it out by key (--holdout)") from None
     os.makedirs(out_dir, exist_ok=True)
     for old in glob.glob(os.path.join(out_dir, f"{split}-*.pt")):   # a re-encode replaces the split
         os.remove(old)
@@ -161,7 +160,7 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolu
             v.clear()
         k += 1
 
-    for sample in _source_samples(source):
+    for sample in source.pairs():
         batch.append(sample)
         n += 1
         if len(batch) == batch_size or len(shard["keys"]) + len(batch) == shard_size:
@@ -176,7 +175,8 @@ def encode_dataset(vae, vae_spec, name, data_dir, out_dir, split="train", resolu
         raise ValueError(f"no readable sample in {name} at {data_dir} ({split}); see {README}")
     h = resolution // vae.downsample
     meta.update(vae=vae_spec, resolution=resolution, latent_shape=[vae.latent_channels, h, h],
-                dtype=str(dtype).replace("torch.", ""), scale_factor=vae.scale_factor, source=name)
+                dtype=str(dtype).replace("torch.", ""), scale_factor=vae.scale_factor, source=name,
+                own_val_split=source.own_split)
     meta.setdefault("splits", {})[split] = dict(data_dir=data_dir, shards=k, samples=n,
                                                 skipped={r: c for r, c in source.stats.items() if r != "samples"})
     with open(meta_path + ".tmp", "w") as f:

@@ -177,6 +177,10 @@ MODES = [
 ]
 
 
+# every sample once, in order (nothing held out): what the reader tests below compare with what they wrote
+EVERY_SAMPLE = dict(split="train", holdout=0, epochs=1, shuffle=False)
+
+
 def _samples(n, start=0):
     """(key, image bytes, caption, expected rgb) for n samples cycling through the image modes."""
     return [(f"{start + i:09d}", MODES[i % len(MODES)][0](), f"caption number {start + i}", MODES[i % len(MODES)][1])
@@ -216,9 +220,9 @@ def test_webdataset_shards_by_dir_glob_and_brace_pattern(tmp_path):
     for s in range(3):
         _write_tar(tmp_path / f"{s:05d}.tar", samples[4 * s:4 * s + 4])
     for spec in (str(tmp_path), str(tmp_path / "*.tar"), str(tmp_path / "{00000..00002}.tar")):
-        _check(_read_all(build_dataset("wds", spec, split="val", resolution=16)), samples)
-    _check(_read_all(build_dataset("cc3m", str(tmp_path), split="val", resolution=16)), samples)
-    brace = build_dataset("wds", str(tmp_path / "{00000..00001}.tar"), split="val", resolution=16)
+        _check(_read_all(build_dataset("wds", spec, **EVERY_SAMPLE, resolution=16)), samples)
+    _check(_read_all(build_dataset("cc3m", str(tmp_path), **EVERY_SAMPLE, resolution=16)), samples)
+    brace = build_dataset("wds", str(tmp_path / "{00000..00001}.tar"), **EVERY_SAMPLE, resolution=16)
     assert len(_read_all(brace)) == 8
 
 
@@ -238,8 +242,8 @@ def test_img2dataset_files_layout(tmp_path):
         (d / f"{key}.jpg").write_bytes(img)
         (d / f"{key}.txt").write_text(cap)
     (tmp_path / "00000_stats.json").write_text("{}")
-    _check(_read_all(build_dataset("files", str(tmp_path), split="val", resolution=16)), samples)
-    _check(_read_all(build_dataset("cc12m", str(tmp_path), split="val", resolution=16)), samples)
+    _check(_read_all(build_dataset("files", str(tmp_path), **EVERY_SAMPLE, resolution=16)), samples)
+    _check(_read_all(build_dataset("cc12m", str(tmp_path), **EVERY_SAMPLE, resolution=16)), samples)
 
 
 @pytest.mark.parametrize("header", [True, False])
@@ -251,10 +255,10 @@ def test_tsv_of_local_paths(tmp_path, header):
         (tmp_path / "images" / f"{key}.jpg").write_bytes(img)
         rows.append(f"images/{key}.jpg\t{cap}")
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    _check(_read_all(build_dataset("tsv", str(tmp_path / "train.tsv"), split="val", resolution=16)), samples)
+    _check(_read_all(build_dataset("tsv", str(tmp_path / "train.tsv"), **EVERY_SAMPLE, resolution=16)), samples)
     csv = tmp_path / "train.csv"
     csv.write_text("caption,image_path\n" + "".join(f'"{c}, ok",{tmp_path}/images/{k}.jpg\n' for k, _, c, _ in samples))
-    assert len(_read_all(build_dataset("tsv", str(csv), split="val", resolution=16))) == 5
+    assert len(_read_all(build_dataset("tsv", str(csv), **EVERY_SAMPLE, resolution=16))) == 5
 
 
 def test_coco_captions_json(tmp_path):
@@ -303,7 +307,7 @@ def test_bad_samples_are_skipped_counted_and_warned(tmp_path):
     data = (tmp_path / "full.tar").read_bytes()
     (tmp_path / "00002.tar").write_bytes(data[:len(data) // 2])  # truncated mid-shard
     (tmp_path / "full.tar").unlink()
-    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16, max_pixels=200 * 200)
+    ds = build_dataset("wds", str(tmp_path), **EVERY_SAMPLE, resolution=16, max_pixels=200 * 200)
     with pytest.warns(DataWarning) as record:
         out = _read_all(ds)
     assert {"caption number 0", "caption number 1", "caption number 2"} <= set(out)
@@ -320,12 +324,12 @@ def test_shards_split_disjointly_over_ranks_and_workers(tmp_path):
         _write_tar(tmp_path / f"{s:05d}.tar", samples[3 * s:3 * s + 3])
     seen = []
     for rank in range(2):
-        ds = build_dataset("wds", str(tmp_path), split="train", resolution=16, rank=rank, world_size=2, epochs=1)
+        ds = build_dataset("wds", str(tmp_path), split="train", resolution=16, rank=rank, world_size=2, epochs=1, holdout=0)
         for b in DataLoader(ds, batch_size=4, num_workers=2):
             seen += [p or a for p, a in zip(b["prompt"], b["answer"])]
     assert sorted(seen) == sorted(cap for _, _, cap, _ in samples)  # each sample exactly once
     # an endless train stream goes on epoch after epoch, each a new order of every sample
-    stream = iter(build_dataset("wds", str(tmp_path), resolution=16, shuffle_buffer=4))
+    stream = iter(build_dataset("wds", str(tmp_path), resolution=16, shuffle_buffer=4, holdout=0))
     text = lambda ex: ex["prompt"] or ex["answer"]
     first, second = [[text(next(stream)) for _ in range(15)] for _ in range(2)]
     assert sorted(first) == sorted(second) == sorted(cap for _, _, cap, _ in samples) and first != second
@@ -337,7 +341,7 @@ def test_tsv_records_split_disjointly(tmp_path):
         (tmp_path / f"{key}.jpg").write_bytes(img)
     (tmp_path / "list.tsv").write_text("".join(f"{k}.jpg\t{c}\n" for k, _, c, _ in samples))
     parts = [list(_read_all(build_dataset("tsv", str(tmp_path / "list.tsv"), split="train", resolution=16,
-                                          rank=r, world_size=3, epochs=1))) for r in range(3)]
+                                          rank=r, world_size=3, epochs=1, holdout=0))) for r in range(3)]
     assert all(len(p) == 3 for p in parts)
     assert sorted(sum(parts, [])) == sorted(c for _, _, c, _ in samples)
 

@@ -117,7 +117,7 @@ def test_bad_samples_and_shards_are_skipped_and_counted_by_reason(tmp_path):
     data = (tmp_path / "full.tar").read_bytes()
     (tmp_path / "00001.tar").write_bytes(data[:len(data) // 2 + 100])                     # cut mid-member
     (tmp_path / "full.tar").unlink()
-    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16)                  # one pass
+    ds = build_dataset("wds", str(tmp_path), split="train", holdout=0, epochs=1, resolution=16)  # one pass, all
     with pytest.warns(UserWarning):
         out = {(e["prompt"] or e["answer"]): (e["output_image"] if e["task"] == "t2i" else e["input_image"])
                for e in ds}
