@@ -354,14 +354,78 @@ def test_score_image_rejects_noise_like_a_detector_would():
 
 def test_extra_objects_fail_every_prompt():
     """Every prompt names all of its scene's objects, so a canvas with more objects than named (the
-    output of an untrained model is many coloured blobs) fails, even when it contains the named ones."""
+    output of an untrained model is many coloured blobs) fails, even when it contains the named ones:
+    each prompt's reference scene is rendered with one more object placed clear of the others."""
+    crowded_scenes = 0
     for i, p in enumerate(S.eval_prompts(10, seed=1)):
-        scene = p["scene"]
+        scene, rng = p["scene"], np.random.default_rng(i)
         assert S.score_image(S.render(scene), p["spec"])
-        extra = S.random_scene(np.random.default_rng(i), "test", 32, n_objects=1).objects[0]
-        crowded = S.Scene(scene.objects + (extra,))
-        assert not S.satisfies(crowded.objects, p["spec"]), p["prompt"]
+        pos = S._place(rng, "small", list(scene.objects))
+        if pos is None:                     # no room left on this canvas
+            continue
+        extra = S.Obj(S.SHAPES[i % 3], S.COLORS[i % 6], "small", *pos)
+        image = S.render(S.Scene(scene.objects + (extra,)))
+        assert S.objects_agree(S.read_objects(image), scene.objects + (extra,)), p["prompt"]
+        assert not S.score_image(image, p["spec"]), p["prompt"]
+        crowded_scenes += 1
+    assert crowded_scenes >= 40
     assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2), S.Obj("square", "blue", "small", 0.7, 0.7)],
                            S.parse_prompt("a circle"))
     assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2)] * 2 + [S.Obj("square", "red", "small", 0.7, 0.7)],
                            S.parse_prompt("two circles"))
+
+
+# ----------------------------------------------------------------------------- shapes: the oracle, attribute by attribute
+# Each test renders a hand-built scene, checks the oracle accepts its true spec, and rejects a spec that
+# differs in exactly one attribute: the one check in satisfies / _matches that catches it.
+
+def _obj(shape, color, size, x, y):
+    return S.Obj(shape, color, size, x, y)
+
+
+def _accepts_true_rejects_wrong(objects, true_spec, wrong_spec, resolution=32):
+    image = S.render(S.Scene(tuple(objects)), resolution)
+    assert S.objects_agree(S.read_objects(image), objects)          # the oracle reads the scene right
+    assert S.score_image(image, true_spec), true_spec
+    assert not S.score_image(image, wrong_spec), wrong_spec
+
+
+def test_oracle_rejects_a_wrong_colour():
+    objs = [_obj("circle", "red", "large", 0.5, 0.5)]
+    _accepts_true_rejects_wrong(objs, S.parse_prompt("a red circle"), S.parse_prompt("a blue circle"))
+    two = [_obj("square", "green", "small", 0.25, 0.3), _obj("triangle", "yellow", "small", 0.7, 0.7)]
+    _accepts_true_rejects_wrong(two, S.parse_prompt("a green square and a yellow triangle"),
+                                S.parse_prompt("a green square and a purple triangle"))
+
+
+def test_oracle_rejects_a_swapped_relation():
+    pairs = [([_obj("circle", "red", "small", 0.5, 0.2), _obj("square", "blue", "small", 0.5, 0.75)], "above", "below"),
+             ([_obj("triangle", "cyan", "small", 0.2, 0.5), _obj("circle", "purple", "large", 0.7, 0.45)],
+              "left of", "right of")]
+    for objs, true, swapped in pairs:
+        a, b = objs
+        for spec in (S.parse_prompt(f"a {a.shape} {true} a {b.shape}"), S.scene_spec(S.Scene(tuple(objs)))):
+            wrong = {**spec, "relation": swapped}
+            _accepts_true_rejects_wrong(objs, spec, wrong)
+
+
+def test_oracle_rejects_a_wrong_size_under_a_full_caption_spec():
+    objs = [_obj("circle", "red", "small", 0.3, 0.25), _obj("square", "blue", "large", 0.6, 0.7)]
+    scene = S.Scene(tuple(objs))
+    spec = S.parse_prompt(S.caption(scene))
+    assert spec == {**S.scene_spec(scene), "objects": spec["objects"]} and all(o["size"] for o in spec["objects"])
+    for i in range(2):                       # each object's size flipped in turn, all else true
+        wrong = {**spec, "objects": [dict(o) for o in spec["objects"]]}
+        wrong["objects"][i]["size"] = {"small": "large", "large": "small"}[wrong["objects"][i]["size"]]
+        _accepts_true_rejects_wrong(objs, spec, wrong)
+
+
+def test_oracle_rejects_a_count_off_by_one():
+    """Three objects, two of them circles: 'three circles' has the right object count (so only the count
+    of matching objects rejects it), 'two circles' the right circle count (so the exact check does)."""
+    objs = [_obj("circle", "red", "small", 0.2, 0.2), _obj("circle", "blue", "small", 0.7, 0.2),
+            _obj("square", "green", "small", 0.2, 0.72)]
+    spec = {"objects": [{"shape": "circle", "color": None, "size": None}], "count": 2, "relation": None, "exact": False}
+    _accepts_true_rejects_wrong(objs, spec, {**spec, "count": 3, "exact": True})
+    _accepts_true_rejects_wrong(objs, spec, {**spec, "count": 1})
+    _accepts_true_rejects_wrong(objs[:2], S.parse_prompt("two circles"), S.parse_prompt("three circles"))
