@@ -32,19 +32,23 @@ def vae_path(tmp_path_factory):
 @pytest.fixture
 def diverge_at(monkeypatch):
     """diverge_at(steps, max_bad=5): train.py's steps in `steps` get a NaN loss and NaN gradients, as a
-    diverging run does, and a run stops after max_bad such steps in a row."""
+    diverging run does, and a run stops after max_bad such steps in a row. `steps` may also map steps
+    to how they go bad: "nan" (loss and gradients), "inf" (both), "grad_nan" (gradients only)."""
     import train
 
     def setup(steps, max_bad=5):
-        real = train.accumulate_gradients
+        real, kinds = train.accumulate_gradients, steps if isinstance(steps, dict) else dict.fromkeys(steps, "nan")
 
         def diverging(run, step):
             stats = real(run, step)
-            if step in steps:
-                stats[0] = float("nan")
+            kind = kinds.get(step)
+            if kind is not None:
+                bad = float("inf") if kind == "inf" else float("nan")
+                if kind != "grad_nan":
+                    stats[0] = bad
                 for p in run.raw_model.parameters():
                     if p.grad is not None:
-                        p.grad.fill_(float("nan"))
+                        p.grad.fill_(bad)
             return stats
         monkeypatch.setattr(train, "accumulate_gradients", diverging)
         monkeypatch.setattr(train, "MAX_BAD_STEPS", max_bad)

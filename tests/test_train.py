@@ -68,8 +68,14 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
     assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "tokenizer", "vae", "args", "rng", "bad_steps"}
     assert ckpt["step"] == 30 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert tokenizer.state_dict()["kind"] == "word" and model.cfg.vocab_size == tokenizer.vocab_size
-    # the EMA weights are what load_checkpoint returns by default
-    assert torch.equal(model.llm.embed_tokens.weight, ckpt["ema"]["llm.embed_tokens.weight"])
+    # the EMA weights are what load_checkpoint returns by default, the raw ones with ema=False; after 30
+    # steps they differ in every trained matrix, so a checkpoint that saved one as the other fails here
+    raw, ema = ckpt["model"], ckpt["ema"]
+    assert raw.keys() == ema.keys()
+    assert_same(model.state_dict(), ema, "ema")
+    assert_same(train.load_checkpoint(str(out), ema=False)[0].state_dict(), raw, "model")
+    differ = [k for k in raw if raw[k].dim() == 2 and not torch.equal(raw[k], ema[k])]
+    assert len(differ) >= 0.9 * sum(v.dim() == 2 for v in raw.values()), differ
     texts = model.generate_text(torch.zeros(2, 3, 32, 32), ["", "what color is the circle"], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
@@ -96,6 +102,64 @@ def test_resume_continues_exactly(tmp_path, vae_path):
     keys = ("step", "loss", "loss_image", "loss_text", "lr", "grad_norm")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert len(b) == 6
+    # the final weights, EMA and AdamW state (moments, step counts) of both runs are the same tensors
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "ema", "optimizer"):
+        assert_same(a[part], b[part], part)
+    assert not torch.equal(a["ema"]["llm.embed_tokens.weight"], a["model"]["llm.embed_tokens.weight"])
+
+
+def assert_same(a, b, where):
+    """Nested dicts / lists of tensors and numbers: equal exactly."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def snapshot(run):
+    """Copies of the raw weights, the EMA and the AdamW state (moments, step counts; the lr is set anew
+    every step) of a run (train.py's build_run namespace)."""
+    clone = lambda x: {k: clone(v) for k, v in x.items()} if isinstance(x, dict) else \
+        [clone(v) for v in x] if isinstance(x, list) else x.clone() if isinstance(x, torch.Tensor) else x
+    return clone(dict(model=run.raw_model.state_dict(), ema=run.ema_model.state_dict(),
+                      optimizer=run.optimizer.state_dict()["state"]))
+
+
+def test_non_finite_steps_leave_weights_ema_and_optimizer_untouched(tmp_path, vae_path, diverge_at, monkeypatch):
+    """Step 1 has a NaN loss and gradients, step 2 inf ones, step 3 a finite loss with NaN gradients:
+    none of them moves a weight, the EMA or AdamW's state; step 0 and step 4 do."""
+    diverge_at({1: "nan", 2: "inf", 3: "grad_nan"})
+    real, seen = train.train_step, {}
+
+    def spy(run, step, **kw):
+        before = snapshot(run)
+        out = real(run, step, **kw)
+        seen[step] = before, snapshot(run), out
+        return out
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path, vae_path, "--max_steps", "10", "--stop_at", "5")
+    assert [seen[s][2]["applied"] for s in range(5)] == [True, False, False, False, True]
+    assert seen[3][2]["loss"] == seen[3][2]["loss"] and seen[2][2]["loss"] == float("inf")
+    for step in (1, 2, 3):
+        before, after, _ = seen[step]
+        assert_same(after, before, f"step {step}")
+    for step in (0, 4):
+        before, after, _ = seen[step]
+        for part in ("model", "ema"):
+            assert not torch.equal(after[part]["llm.embed_tokens.weight"], before[part]["llm.embed_tokens.weight"])
+            assert all(v.isfinite().all() for v in after[part].values())
+    assert [r["skipped"] for r in read_log(tmp_path)] == [0, 1, 2, 3, 3]
 
 
 DUMP_FIRST_GRADIENTS = """
