@@ -226,20 +226,32 @@ def test_nan_loss_in_a_row_stops_and_keeps_the_last_checkpoint(tmp_path, vae_pat
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(tmp_path),
-                             "--max_steps", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stdout and "--init_from resume" in stdout
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path, child):
+    """SIGINT (Ctrl-C) once the handler is installed and two steps are done: the step finishes, a
+    checkpoint is saved, exit 0 (tests/test_reliability.py sends SIGTERM)."""
+    proc = child([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(tmp_path),
+                  "--max_steps", "100000"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.wait_for(r"^Ctrl-C or SIGTERM: ", 120)
+    proc.wait_for(r"^step 2/100000 \|", 120)
+    proc.proc.send_signal(signal.SIGINT)
+    code, stdout, stderr = proc.finish(120)
+    assert code == 0, stderr[-2000:]
+    assert "stopped by SIGINT" in stdout and "--init_from resume" in stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 2
+
+
+def test_a_second_signal_gives_up_at_once():
+    """The first SIGINT/SIGTERM asks for a stop after the step; a second raises KeyboardInterrupt there and
+    then; leaving the block puts the caller's handlers back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train.stop_signals() as stop:
+        handler = signal.getsignal(signal.SIGINT)
+        assert handler is signal.getsignal(signal.SIGTERM) and handler not in before
+        handler(signal.SIGTERM, None)
+        assert stop["signal"] == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 @pytest.mark.parametrize("argv, words", [
