@@ -53,14 +53,17 @@ def ckpt(tmp_path_factory):
                         "--max_steps", "100", "--stop_at", "2", "--batch_size", "8", "--out_dir", d / "run",
                         "--num_iter", "1", "--diffusion_steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    # two steps leave near-flat logits and a diffusion head that outputs ~0, under which a broken KV or
-    # prefix cache would still give the same text and images: spread the weights so that both matter
+    # two steps leave a decoder whose residual stream repeats the last input token (an empty answer) and a
+    # diffusion head that outputs ~0, under which a broken KV or prefix cache would still give the same
+    # text and images: scale the decoder blocks' outputs up and spread the head's weights, so both matter
     ckpt = torch.load(d / "run" / "ckpt.pt", weights_only=True)
     g = torch.Generator().manual_seed(0)
     for weights in (ckpt["model"], ckpt["ema"]):
         for name, w in weights.items():
-            if w.is_floating_point() and (name.startswith("diffusion.") or name == "llm.embed_tokens.weight"):
-                w.add_(torch.randn(w.shape, generator=g) * (0.2 if name.startswith("llm.") else 0.05))
+            if name.startswith("llm.layers.") and "post_" in name and name.endswith("norm.weight"):
+                w.fill_(10.0)
+            elif name.startswith("diffusion.") and w.is_floating_point():
+                w.add_(torch.randn(w.shape, generator=g) * 0.05)
     torch.save(ckpt, d / "run" / "ckpt.pt")
     return d / "run"
 
@@ -133,6 +136,7 @@ def test_caption_answer_and_long_prompt(ckpt, scene):
     ans = run("--out_dir", ckpt, "--image", scene, "--question", q, "--max_new_tokens", 6)
     said = re.search(r"prompt is (\d+) tokens but the model reads at most 16: truncated", ans.stderr)
     assert said and int(said.group(1)) > 16, ans.stderr                  # both lengths
+    assert len(ans.stdout.strip()) > 1, "a one-token answer would not read the KV cache"
     same = run("--out_dir", ckpt, "--image", scene, "--question", q, "--max_new_tokens", 6, "--no_cache")
     assert same.stdout == ans.stdout, "the KV cache must not change the answer"
 
