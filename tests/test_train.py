@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def test_tiny_run_lowers_both_losses_and_writes_its_outputs(trained):
     assert mean(last, "loss_image") < 0.8 * mean(first, "loss_image")
     assert mean(last, "loss_text") < 0.8 * mean(first, "loss_text")
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in log)
+    assert not any("graphs" in r for r in log)                          # --compile auto: off on CPU
     assert os.path.exists(out / "samples" / "step_000030.png") and os.path.exists(out / "samples" / "step_000030.txt")
     assert "model:" in (out / "samples" / "step_000030.txt").read_text()
     assert set(json.loads((out / "eval.json").read_text())) == set(result)
@@ -83,9 +85,9 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
         train.load_checkpoint(str(tmp_path))
 
 
-def test_eval_only_writes_the_documented_keys(trained):
-    out, _ = trained
-    os.remove(out / "eval.json")
+def test_eval_only_writes_the_documented_keys(trained, tmp_path):
+    out = tmp_path                       # a copy of the run: its own eval.json stays as the run wrote it
+    shutil.copy(trained[0] / "ckpt.pt", out / "ckpt.pt")
     train.main(["--eval_only", "--out_dir", str(out), "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"])
     result = json.loads((out / "eval.json").read_text())
     assert set(without_vqa_kinds(result)) == EVAL_KEYS
@@ -112,17 +114,17 @@ def test_resume_continues_exactly(tmp_path, vae_path):
 
 def assert_same(a, b, where):
     """Nested dicts / lists of tensors and numbers: equal exactly."""
-    assert type(a) is type(b), where
     if isinstance(a, dict):
+        assert isinstance(b, dict), where
         assert a.keys() == b.keys(), where
         for k in a:
             assert_same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
+        assert type(a) is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
     else:
         assert a == b, where
 
@@ -136,7 +138,16 @@ def snapshot(run):
                       optimizer=run.optimizer.state_dict()["state"]))
 
 
-def test_non_finite_steps_leave_weights_ema_and_optimizer_untouched(tmp_path, vae_path, diverge_at, monkeypatch):
+def test_rows_per_task_by_largest_remainder():
+    mix = train.task_mix(train.get_args([]))                            # the default t2i 0.6, caption 0.2, vqa 0.2
+    assert train.rows_per_task(mix, 64) == {"t2i": 38, "caption": 13, "vqa": 13}
+    assert train.rows_per_task(mix, 16) == {"t2i": 10, "caption": 3, "vqa": 3}
+    assert train.rows_per_task({"t2i": 0.97, "caption": 0.01, "vqa": 0.01, "edit": 0.01}, 8) == \
+        {"t2i": 5, "caption": 1, "vqa": 1, "edit": 1}                 # at least one row per task
+
+
+def test_non_finite_steps_leave_weights_ema_and_optimizer_untouched(tmp_path, vae_path, diverge_at, monkeypatch,
+                                                                    capsys):
     """Step 1 has a NaN loss and gradients, step 2 inf ones, step 3 a finite loss with NaN gradients:
     none of them moves a weight, the EMA or AdamW's state; step 0 and step 4 do."""
     diverge_at({1: "nan", 2: "inf", 3: "grad_nan"})
@@ -160,6 +171,31 @@ def test_non_finite_steps_leave_weights_ema_and_optimizer_untouched(tmp_path, va
             assert not torch.equal(after[part]["llm.embed_tokens.weight"], before[part]["llm.embed_tokens.weight"])
             assert all(v.isfinite().all() for v in after[part].values())
     assert [r["skipped"] for r in read_log(tmp_path)] == [0, 1, 2, 3, 3]
+    stdout = capsys.readouterr().out                                    # the rows of the 16-row micro-batch
+    assert "data: shapes 32px, rows per micro-batch t2i 10, caption 3, vqa 3;" in stdout
+    assert "compiling" not in stdout                                    # --compile auto: off on CPU
+
+
+def test_fine_tune_from_a_checkpoint_file_in_raster_order(trained, tmp_path, vae_path, monkeypatch):
+    """--init_from PATH.pt starts a new run (step 0, fresh AdamW) from the file's EMA weights; --order
+    raster given again trains it in raster order, and its checkpoint says so."""
+    src = trained[0] / "ckpt.pt"
+    real, first = train.train_step, []
+
+    def spy(run, step, **kw):
+        if not first:
+            first.append(snapshot(run))
+        return real(run, step, **kw)
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path, vae_path, "--init_from", str(src), "--order", "raster", "--max_steps", "10", "--stop_at", "2")
+    start, source = first[0], torch.load(src, weights_only=True)
+    assert_same(start["model"], source["ema"], "model")
+    assert start["optimizer"] == {}
+    assert_same(start["ema"], source["ema"], "ema")
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["order"] == "raster" and source["config"]["order"] == "random"
 
 
 DUMP_FIRST_GRADIENTS = """
