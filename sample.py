@@ -270,16 +270,18 @@ def bench(model, vae, args, device):
              ("prefix cache, cond and uncond in one batch", dict(use_cache=True))]
     outs, t_img = best_times([lambda kw=kw: model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
                               args.diffusion_steps, generator=seeded(), **kw) for _, kw in paths], device)
-    for (name, _), out, t in zip(paths, outs, t_img):
-        print(f"  {name:52s} {B / t:8.2f} images/s  {t_img[0] / t:5.2f}x naive   outputs {same(out, outs[-1])}")
+    for i, ((name, _), out, t) in enumerate(zip(paths, outs, t_img)):   # each path against the last (cached) one
+        check = f"outputs {same(out, outs[-1])}" if i < len(paths) - 1 else "(reference)"
+        print(f"  {name:52s} {B / t:8.2f} images/s  {t_img[0] / t:5.2f}x naive   {check}")
     images = vae.decode(outs[-1].float())                                           # caption what we drew
     print(f"captioning, {B} images, {new} new tokens each (end of text ignored: every row decodes {new}):")
     paths = [("no cache: recompute the whole sequence each token", False), ("kv cache", True)]
     with no_early_stop(model.tokenizer):
         texts, t_txt = best_times([lambda c=c: model.generate_text(images, [""] * B, new, generator=seeded(), use_cache=c)
                                    for _, c in paths], device)
-    for (name, _), out, t in zip(paths, texts, t_txt):
-        print(f"  {name:52s} {B * new / t:8.1f} tokens/s  {t_txt[0] / t:5.2f}x naive   outputs {same(out, texts[-1])}")
+    for i, ((name, _), out, t) in enumerate(zip(paths, texts, t_txt)):
+        check = f"outputs {same(out, texts[-1])}" if i < len(paths) - 1 else "(reference)"
+        print(f"  {name:52s} {B * new / t:8.1f} tokens/s  {t_txt[0] / t:5.2f}x naive   {check}")
     print(json.dumps({"result": "bench", "device": str(device), "threads": torch.get_num_threads(),
                       "t2i_images_per_s": dict(zip(["naive", "no_cache", "cached"], [round(B / t, 3) for t in t_img])),
                       "caption_tokens_per_s": dict(zip(["recompute", "cached"], [round(B * new / t, 1) for t in t_txt]))}))

@@ -223,6 +223,7 @@ def main(argv=None):
     t_start, meter, last, bad_in_row = time.time(), dict(time=0.0, steps=0, tokens=0.0), {}, 0
     step = run.start_step
     with stop_signals() as stop:         # SIGINT/SIGTERM: finish the step, checkpoint, exit
+        log("Ctrl-C or SIGTERM: the run stops after this step with a checkpoint (a second one: at once)")
         while step < stop_step:
             t0 = time.time()
             out = train_step(run, step, stop_requested=stop["signal"] is not None or

@@ -358,14 +358,164 @@ def test_score_image_rejects_noise_like_a_detector_would():
 
 def test_extra_objects_fail_every_prompt():
     """Every prompt names all of its scene's objects, so a canvas with more objects than named (the
-    output of an untrained model is many coloured blobs) fails, even when it contains the named ones."""
+    output of an untrained model is many coloured blobs) fails, even when it contains the named ones:
+    each prompt's reference scene is rendered with one more object placed clear of the others."""
+    crowded_scenes = 0
     for i, p in enumerate(S.eval_prompts(10, seed=1)):
-        scene = p["scene"]
+        scene, rng = p["scene"], np.random.default_rng(i)
         assert S.score_image(S.render(scene), p["spec"])
-        extra = S.random_scene(np.random.default_rng(i), "test", 32, n_objects=1).objects[0]
-        crowded = S.Scene(scene.objects + (extra,))
-        assert not S.satisfies(crowded.objects, p["spec"]), p["prompt"]
+        pos = S._place(rng, "small", list(scene.objects))
+        if pos is None:                     # no room left on this canvas
+            continue
+        extra = S.Obj(S.SHAPES[i % 3], S.COLORS[i % 6], "small", *pos)
+        image = S.render(S.Scene(scene.objects + (extra,)))
+        assert S.objects_agree(S.read_objects(image), scene.objects + (extra,)), p["prompt"]
+        assert not S.score_image(image, p["spec"]), p["prompt"]
+        crowded_scenes += 1
+    assert crowded_scenes >= 40
     assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2), S.Obj("square", "blue", "small", 0.7, 0.7)],
                            S.parse_prompt("a circle"))
     assert not S.satisfies([S.Obj("circle", "red", "small", 0.2, 0.2)] * 2 + [S.Obj("square", "red", "small", 0.7, 0.7)],
                            S.parse_prompt("two circles"))
+
+
+# ----------------------------------------------------------------------------- shapes: the oracle, attribute by attribute
+# Each test renders a hand-built scene, checks the oracle accepts its true spec, and rejects a spec that
+# differs in exactly one attribute: the one check in satisfies / _matches that catches it.
+
+def _obj(shape, color, size, x, y):
+    return S.Obj(shape, color, size, x, y)
+
+
+def _accepts_true_rejects_wrong(objects, true_spec, wrong_spec, resolution=32):
+    image = S.render(S.Scene(tuple(objects)), resolution)
+    assert S.objects_agree(S.read_objects(image), objects)          # the oracle reads the scene right
+    assert S.score_image(image, true_spec), true_spec
+    assert not S.score_image(image, wrong_spec), wrong_spec
+
+
+def test_oracle_rejects_a_wrong_colour():
+    objs = [_obj("circle", "red", "large", 0.5, 0.5)]
+    _accepts_true_rejects_wrong(objs, S.parse_prompt("a red circle"), S.parse_prompt("a blue circle"))
+    two = [_obj("square", "green", "small", 0.25, 0.3), _obj("triangle", "yellow", "small", 0.7, 0.7)]
+    _accepts_true_rejects_wrong(two, S.parse_prompt("a green square and a yellow triangle"),
+                                S.parse_prompt("a green square and a purple triangle"))
+
+
+def test_oracle_rejects_a_swapped_relation():
+    pairs = [([_obj("circle", "red", "small", 0.5, 0.2), _obj("square", "blue", "small", 0.5, 0.75)], "above", "below"),
+             ([_obj("triangle", "cyan", "small", 0.2, 0.5), _obj("circle", "purple", "large", 0.7, 0.45)],
+              "left of", "right of")]
+    for objs, true, swapped in pairs:
+        a, b = objs
+        for spec in (S.parse_prompt(f"a {a.shape} {true} a {b.shape}"), S.scene_spec(S.Scene(tuple(objs)))):
+            wrong = {**spec, "relation": swapped}
+            _accepts_true_rejects_wrong(objs, spec, wrong)
+
+
+def test_oracle_rejects_a_wrong_size_under_a_full_caption_spec():
+    objs = [_obj("circle", "red", "small", 0.3, 0.25), _obj("square", "blue", "large", 0.6, 0.7)]
+    scene = S.Scene(tuple(objs))
+    spec = S.parse_prompt(S.caption(scene))
+    assert spec == {**S.scene_spec(scene), "objects": spec["objects"]} and all(o["size"] for o in spec["objects"])
+    for i in range(2):                       # each object's size flipped in turn, all else true
+        wrong = {**spec, "objects": [dict(o) for o in spec["objects"]]}
+        wrong["objects"][i]["size"] = {"small": "large", "large": "small"}[wrong["objects"][i]["size"]]
+        _accepts_true_rejects_wrong(objs, spec, wrong)
+
+
+def test_oracle_rejects_a_count_off_by_one():
+    """Three objects, two of them circles: 'three circles' has the right object count (so only the count
+    of matching objects rejects it), 'two circles' the right circle count (so the exact check does)."""
+    objs = [_obj("circle", "red", "small", 0.2, 0.2), _obj("circle", "blue", "small", 0.7, 0.2),
+            _obj("square", "green", "small", 0.2, 0.72)]
+    spec = {"objects": [{"shape": "circle", "color": None, "size": None}], "count": 2, "relation": None, "exact": False}
+    _accepts_true_rejects_wrong(objs, spec, {**spec, "count": 3, "exact": True})
+    _accepts_true_rejects_wrong(objs, spec, {**spec, "count": 1})
+    _accepts_true_rejects_wrong(objs[:2], S.parse_prompt("two circles"), S.parse_prompt("three circles"))
+
+
+# ----------------------------------------------------------------------------- the evaluation, end to end
+
+class Oracle:
+    """A stand-in model + VAE for evaluate_shapes: generation returns a stored image ("latents" that the
+    identity VAE decodes, in [-1, 1]), text generation a stored string, both looked up by the prompt and
+    the input image, so every accuracy says whether evaluate_shapes pairs, decodes and splits right.
+    answer(kind, key, truth, other) picks what is returned: the truth, or another item's truth."""
+
+    def __init__(self, n_per_task, answer, seed=0, res=32):
+        from vae import from_pil
+        self.cfg = type("Cfg", (), {"image_size": res, "max_text_len": 16})()
+        self.llm = torch.nn.Module()
+        self.llm.embed_tokens = torch.nn.Embedding(1, 1)
+        key = lambda image: from_pil([image], res)[0].numpy().tobytes()
+        prompts = S.eval_prompts(n_per_task, seed=seed, split="test", resolution=res)
+        scenes = S.eval_scenes(2 * n_per_task, seed=seed, split="test", resolution=res)
+        render = lambda scene: from_pil([S.render(scene, res)], res)[0]
+        self.images, self.texts = {}, {}
+        for i, p in enumerate(prompts):
+            other = prompts[(i + len(prompts) // 2) % len(prompts)]
+            self.images[p["prompt"]] = answer("gen", p, render(p["scene"]), render(other["scene"]))
+        for i, s in enumerate(scenes):
+            other = scenes[(i + 1) % len(scenes)]
+            image = key(s["image"])
+            self.images[s["instruction"], image] = answer("edit", s, from_pil([s["target_image"]], res)[0],
+                                                          from_pil([other["target_image"]], res)[0])
+            self.texts["", image] = answer("caption", s, s["caption"], other["caption"])
+            self.texts[s["question"], image] = answer("vqa", s, s["answer"], other["answer"])
+        self.key = lambda x: x.numpy().tobytes()
+
+    def generate_images(self, texts, num_iter, cfg, temperature, steps, und=None, generator=None):
+        return torch.stack([self.images[t] if und is None else self.images[t, self.key(u)]
+                            for t, u in zip(texts, und if und is not None else texts)])
+
+    def generate_text(self, images, prompts, max_new_tokens):
+        return [self.texts[p, self.key(im)] for im, p in zip(images, prompts)]
+
+    def decode(self, latents):        # the VAE
+        return latents
+
+
+def evaluate_with(answer, n_per_task=12):
+    import argparse
+    from train import evaluate_shapes
+    oracle = Oracle(n_per_task, answer)
+    args = argparse.Namespace(seed=0, num_iter=1, cfg=1.0, temperature=1.0, diffusion_steps=1)
+    return evaluate_shapes(oracle, oracle, args, n_per_task, log=lambda *a: None)
+
+
+def test_evaluate_shapes_scores_true_outputs_1_and_shuffled_ones_low():
+    """72 prompts (two generation batches of at most 64) and 24 scenes through the real evaluate_shapes."""
+    true = evaluate_with(lambda kind, item, truth, other: truth)
+    kinds = {k for k in true if k.startswith("vqa/")}
+    assert len(kinds) >= 4 and {k[4:] for k in kinds} <= set(S.VQA_KINDS)
+    assert all(v == 1.0 for k, v in true.items()), true
+    assert set(true) == {"gen_accuracy", *(f"gen/{t}" for t in S.TASKS), "gen_heldout_pairs", "gen_seen_pairs",
+                         "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy", "edit_accuracy", *kinds}
+    shuffled = evaluate_with(lambda kind, item, truth, other: other)
+    assert set(shuffled) == set(true)
+    assert all(v <= 0.5 for k, v in shuffled.items() if not k.startswith(("vqa", "caption"))), shuffled
+    assert shuffled["caption_accuracy"] < 0.5 and shuffled["caption_heldout_pairs"] < 0.5, shuffled
+    assert shuffled["vqa_accuracy"] <= 0.5 and all(shuffled[k] < 1 for k in kinds), shuffled
+
+
+def test_evaluate_shapes_keeps_held_out_and_seen_pairs_apart():
+    """True outputs only for items with a held-out colour-shape pair: their keys read 1, the seen ones low."""
+    held = lambda item: item["heldout"]
+    out = evaluate_with(lambda kind, item, truth, other: truth if held(item) else other)
+    assert out["gen_heldout_pairs"] == 1.0 and out["gen_seen_pairs"] <= 0.5, out
+    assert out["caption_heldout_pairs"] == 1.0 and out["caption_accuracy"] < 0.9, out
+    out = evaluate_with(lambda kind, item, truth, other: other if held(item) else truth)
+    assert out["gen_heldout_pairs"] <= 0.5 and out["gen_seen_pairs"] == 1.0, out
+    assert out["caption_heldout_pairs"] < 0.7 and out["caption_accuracy"] < 1, out
+
+
+def test_evaluate_shapes_scores_each_vqa_kind_on_its_own_questions():
+    """True answers to half the kinds of question, other items' answers to the rest (then the other
+    way round): each kind's key reads 1 exactly when its own questions were answered right."""
+    kinds = sorted({S.vqa_kind(s["question"]) for s in S.eval_scenes(24, seed=0, split="test")})
+    assert len(kinds) >= 4
+    for right in (set(kinds[::2]), set(kinds[1::2])):
+        out = evaluate_with(lambda k, item, truth, other: truth if k != "vqa" or S.vqa_kind(item["question"]) in right
+                            else other)
+        assert {k: out[f"vqa/{k}"] == 1.0 for k in kinds} == {k: k in right for k in kinds}, out

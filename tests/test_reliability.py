@@ -21,6 +21,7 @@ import tarfile
 import time
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -38,24 +39,22 @@ SAMPLE_FAST = ["--num_iter", "2", "--diffusion_steps", "2", "--max_new_tokens", 
 
 
 @pytest.fixture(scope="module")
-def sigterm_run(tmp_path_factory, vae_path):
-    """train.py in a subprocess, sent SIGTERM after two logged steps: (process, stdout, stderr, out_dir)."""
+def sigterm_run(tmp_path_factory, vae_path, child):
+    """train.py in a subprocess, sent SIGTERM once its handler is installed and two steps are logged:
+    (exit code, stdout, stderr, out_dir)."""
     out = tmp_path_factory.mktemp("run")
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(out),
-                             "--max_steps", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "log.jsonl", time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    return proc, stdout, stderr, out
+    proc = child([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(out),
+                  "--max_steps", "100000"], cwd=ROOT, env=ENV)
+    proc.wait_for(r"^Ctrl-C or SIGTERM: ", 120)
+    proc.wait_for(r"^step 2/100000 \|", 120)
+    proc.proc.send_signal(signal.SIGTERM)
+    return (*proc.finish(120), out)
 
 
 @pytest.fixture(scope="module")
 def run_dir(sigterm_run):
-    proc, _, stderr, out = sigterm_run
-    assert proc.returncode == 0, stderr[-3000:]
+    code, _, stderr, out = sigterm_run
+    assert code == 0, stderr[-3000:]
     return out
 
 
@@ -216,11 +215,10 @@ while True:      # a large-ish checkpoint, saved back to back; pad is filled wit
 """
 
 
-def start_saver(run_dir, dst, n, hang_at=0):
+def start_saver(child, run_dir, dst, n, hang_at=0):
     """A process saving checkpoints to dst back to back; with hang_at, it stops inside that save."""
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir), str(dst), str(n), str(hang_at)], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "1", proc.stderr.read()[-2000:]               # one whole save first
+    proc = child([sys.executable, "-c", SAVER, str(run_dir), str(dst), str(n), str(hang_at)], cwd=ROOT, env=ENV)
+    proc.wait_for(r"^1$", 120)                                                       # one whole save first
     return proc
 
 
@@ -228,25 +226,23 @@ def check_whole(ckpt):
     assert ckpt["pad"][0] == ckpt["pad"][-1] == ckpt["step"] and "model" in ckpt
 
 
-def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(run_dir, tmp_path):
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(run_dir, tmp_path, child):
     dst = tmp_path / "ckpt.pt"
     for hang_at in (2, 3):                 # the kill lands inside save 2 (or 3), after save 1 (or 2) completed
-        proc = start_saver(run_dir, dst, 8_000_000, hang_at)                         # 32 MB of padding
-        for line in proc.stdout:
-            if line.strip() == "mid-save":
-                break
+        proc = start_saver(child, run_dir, dst, 8_000_000, hang_at)                  # 32 MB of padding
+        proc.wait_for(r"^mid-save$", 120)
         assert os.path.exists(str(dst) + ".tmp"), "the saver did not stop inside a save"
-        proc.kill()                                                                  # SIGKILL: no handler runs
-        proc.wait()
+        proc.proc.kill()                                                             # SIGKILL: no handler runs
+        proc.finish(60)
         model, _, _, ckpt = train.load_checkpoint(str(dst))
         check_whole(ckpt)
         assert ckpt["step"] == hang_at - 1                                           # the last whole save
 
 
-def test_reads_while_another_process_rewrites_the_checkpoint_always_succeed(run_dir, tmp_path):
+def test_reads_while_another_process_rewrites_the_checkpoint_always_succeed(run_dir, tmp_path, child):
     """train.py saving (the real save_checkpoint, in a loop) while this process and sample.py read."""
     dst = tmp_path / "ckpt.pt"
-    proc = start_saver(run_dir, dst, 1_000_000)
+    proc = start_saver(child, run_dir, dst, 1_000_000)
     try:
         reader = subprocess.Popen([sys.executable, "sample.py", "--out_dir", str(dst), "--prompt", "a red circle",
                                    "--out", str(tmp_path / "s.png"), *SAMPLE_FAST], cwd=ROOT, env=ENV,
@@ -259,20 +255,47 @@ def test_reads_while_another_process_rewrites_the_checkpoint_always_succeed(run_
         _, err = reader.communicate(timeout=120)
         assert reader.returncode == 0 and "Traceback" not in err, err[-2000:]
     finally:
-        proc.kill()
-        proc.wait()
+        proc.proc.kill()
+        proc.finish(60)
     assert len(steps) >= 3, "the writer did not rewrite the file while we read"
 
 
+RACE = """
+import glob, os, sys, time
+import sample
+out, real_replace = sys.argv[1], os.replace
+
+def replace(src, dst):      # both processes reach the rename with their whole PNG written, then both rename
+    if dst == out:
+        with open(src, "rb") as f, open(src[:-len(".tmp")] + ".whole", "wb") as g:
+            g.write(f.read())                                   # what this process wrote, for the test
+        open(src[:-len(".tmp")] + ".ready", "w").close()
+        end = time.time() + 120
+        while len(glob.glob(out + ".*.ready")) < 2:
+            if time.time() > end:
+                sys.exit("the other sample.py never reached its rename")
+            time.sleep(0.01)
+    real_replace(src, dst)
+os.replace = replace
+sample.main(sys.argv[2:])
+"""
+
+
 def test_two_sample_processes_on_one_checkpoint(run_dir, tmp_path):
+    """Two sample.py processes write the same --out, forced to rename at the same moment: the file is
+    one whole PNG, pixel for pixel the one either process drew, and no temporary file is left."""
     out = tmp_path / "same.png"
-    procs = [subprocess.Popen([sys.executable, "sample.py", "--out_dir", str(run_dir), "--prompt", p, "--out", str(out),
-                               *SAMPLE_FAST], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for p in ("a red circle", "two blue squares")]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(out), "--out_dir", str(run_dir), "--prompt", p,
+                               "--out", str(out), *SAMPLE_FAST], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in ("a red circle", "two blue squares")]
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=240)
         assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
-    assert Image.open(out).size == (32, 32) and not glob.glob(str(out) + ".*.tmp")
+    drawn = [np.asarray(Image.open(f)) for f in glob.glob(str(out) + ".*.whole")]
+    assert len(drawn) == 2 and len(glob.glob(str(out) + ".*.ready")) == 2          # both waited for the other
+    final = np.asarray(Image.open(out))                                             # decodes whole
+    assert final.shape == (32, 32, 3) and any(np.array_equal(final, d) for d in drawn)
+    assert not glob.glob(str(out) + ".*.tmp")
 
 
 def test_resume_without_a_checkpoint_or_from_another_config_says_which_and_why(run_dir, tmp_path, vae_path):
@@ -283,6 +306,10 @@ def test_resume_without_a_checkpoint_or_from_another_config_says_which_and_why(r
     with pytest.raises(SystemExit) as e:                       # the run is tiny: --model small cannot apply
         resume(run_dir, "--model", "small")
     assert "trained with --model 'tiny', not 'small'" in one_sentence(e) and "drop --model" in e.value.code
+    for flag, value in (("--model_args", "d_model=64"), ("--tokenizer", "byte")):   # the architecture is fixed
+        with pytest.raises(SystemExit) as e:
+            resume(run_dir, flag, value)
+        assert f"not '{value}'" in one_sentence(e) and f"drop {flag}" in e.value.code
     with pytest.raises(SystemExit) as e:
         resume(run_dir, "--resolution", "64")
     assert "32 px" in one_sentence(e) and "--resolution 64" in e.value.code
@@ -383,14 +410,15 @@ def test_malformed_safetensors_are_refused_before_the_library_reads_them(tmp_pat
     for name, data in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(data)
-        with pytest.raises(ValueError, match="safetensors|truncated") as e:
+        said = "is truncated or malformed" if name in ("truncated", "offsets_past_end") else "is not a safetensors file"
+        with pytest.raises(ValueError, match=said) as e:     # the words, not the file name, which holds both
             vae_mod.read_safetensors(str(path))
-        assert str(path) in str(e.value)
+        assert str(e.value).startswith(str(path)), e.value
     hf = tmp_path / "gemma"                   # as train.py --init_from gemma:DIR reads it
     os.makedirs(hf)
     (hf / "config.json").write_text("{}")
     shutil.copy(tmp_path / "truncated.safetensors", hf / "model.safetensors")
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match="is truncated or malformed"):
         train.read_hf_folder(str(hf))
 
 
@@ -461,3 +489,47 @@ def test_sample_inputs_give_output_or_one_sentence(run_dir, images, tmp_path, ca
         with pytest.raises(SystemExit) as e:
             sample.main(argv)
         assert expect in one_sentence(e) and e.value.code.startswith("error: ")
+
+
+def test_sample_reads_the_ema_weights_unless_no_ema(run_dir):
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
+    for flags, want in (([], "ema"), (["--no-ema"], "model")):
+        model = sample.load(sample.parse_args(["--out_dir", str(run_dir), "--prompt", "x", "--device", "cpu", *flags]))[0]
+        state = model.state_dict()
+        assert all(torch.equal(state[k], ckpt[want][k]) for k in ckpt[want]), flags
+
+
+# ----------------------------------------------------------------------------- tar shards cut anywhere
+
+@pytest.mark.parametrize("cut, n", [("member_boundary", 2), ("mid_header", 2), ("mid_member", 3)])
+def test_a_tar_shard_cut_anywhere_gives_its_whole_samples_and_counts_the_cut(tmp_path, cut, n):
+    """A download cut at a member boundary (no end-of-archive blocks), inside a 512-byte header, or inside
+    a member's data: the samples before the cut are read, and the shard is counted truncated once. When
+    the cut leaves no whole header of the 4th sample, the 3rd is dropped too: nothing says it was complete."""
+    write_tar(tmp_path / "full.tar", good_members(range(6)))
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tf:
+        members = tf.getmembers()
+    fourth = members[6]                  # the 4th sample's image: samples 0-2 are whole before it
+    at = {"member_boundary": fourth.offset, "mid_header": fourth.offset + 100,
+          "mid_member": fourth.offset_data + fourth.size // 2}[cut]
+    (tmp_path / "00000.tar").write_bytes(data[:at])
+    (tmp_path / "full.tar").unlink()
+    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16)
+    with pytest.warns(UserWarning, match="00000.tar"):
+        got = sorted(e["prompt"] or e["answer"] for e in ds)
+    assert got == [f"a red square {k}" for k in range(n)], got
+    assert ds.stats["truncated_shard"] == 1 and ds.stats["samples"] == n, ds.stats
+
+
+def test_skip_warnings_stop_after_20_shards_and_say_so(tmp_path):
+    for s in range(25):                  # each shard: one good sample, one with an empty caption
+        write_tar(tmp_path / f"{s:05d}.tar", good_members([s]) + [(f"e{s}.jpg", encode(fmt="JPEG")), (f"e{s}.txt", b" ")])
+    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16)
+    with pytest.warns(UserWarning) as record:
+        n = sum(1 for _ in ds)
+    skips = [str(w.message) for w in record if "skipped" in str(w.message)]
+    assert n == 25 and ds.stats["empty_caption"] == 25
+    assert len(skips) == 20 and "further skips are only counted" in skips[-1], skips[-2:]
+    assert not any("further skips" in m for m in skips[:-1])

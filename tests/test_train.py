@@ -2,10 +2,10 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -53,6 +53,7 @@ def test_tiny_run_lowers_both_losses_and_writes_its_outputs(trained):
     assert mean(last, "loss_image") < 0.8 * mean(first, "loss_image")
     assert mean(last, "loss_text") < 0.8 * mean(first, "loss_text")
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in log)
+    assert not any("graphs" in r for r in log)                          # --compile auto: off on CPU
     assert os.path.exists(out / "samples" / "step_000030.png") and os.path.exists(out / "samples" / "step_000030.txt")
     assert "model:" in (out / "samples" / "step_000030.txt").read_text()
     assert set(json.loads((out / "eval.json").read_text())) == set(result)
@@ -68,8 +69,14 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
     assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "tokenizer", "vae", "args", "rng", "bad_steps"}
     assert ckpt["step"] == 30 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert tokenizer.state_dict()["kind"] == "word" and model.cfg.vocab_size == tokenizer.vocab_size
-    # the EMA weights are what load_checkpoint returns by default
-    assert torch.equal(model.llm.embed_tokens.weight, ckpt["ema"]["llm.embed_tokens.weight"])
+    # the EMA weights are what load_checkpoint returns by default, the raw ones with ema=False; after 30
+    # steps they differ in every trained matrix, so a checkpoint that saved one as the other fails here
+    raw, ema = ckpt["model"], ckpt["ema"]
+    assert raw.keys() == ema.keys()
+    assert_same(model.state_dict(), ema, "ema")
+    assert_same(train.load_checkpoint(str(out), ema=False)[0].state_dict(), raw, "model")
+    differ = [k for k in raw if raw[k].dim() == 2 and not torch.equal(raw[k], ema[k])]
+    assert len(differ) >= 0.9 * sum(v.dim() == 2 for v in raw.values()), differ
     texts = model.generate_text(torch.zeros(2, 3, 32, 32), ["", "what color is the circle"], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
@@ -77,9 +84,9 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
         train.load_checkpoint(str(tmp_path))
 
 
-def test_eval_only_writes_the_documented_keys(trained):
-    out, _ = trained
-    os.remove(out / "eval.json")
+def test_eval_only_writes_the_documented_keys(trained, tmp_path):
+    out = tmp_path                       # a copy of the run: its own eval.json stays as the run wrote it
+    shutil.copy(trained[0] / "ckpt.pt", out / "ckpt.pt")
     train.main(["--eval_only", "--out_dir", str(out), "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"])
     result = json.loads((out / "eval.json").read_text())
     assert set(without_vqa_kinds(result)) == EVAL_KEYS
@@ -96,6 +103,98 @@ def test_resume_continues_exactly(tmp_path, vae_path):
     keys = ("step", "loss", "loss_image", "loss_text", "lr", "grad_norm")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert len(b) == 6
+    # the final weights, EMA and AdamW state (moments, step counts) of both runs are the same tensors
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "ema", "optimizer"):
+        assert_same(a[part], b[part], part)
+    assert not torch.equal(a["ema"]["llm.embed_tokens.weight"], a["model"]["llm.embed_tokens.weight"])
+
+
+def assert_same(a, b, where):
+    """Nested dicts / lists of tensors and numbers: equal exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict), where
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def snapshot(run):
+    """Copies of the raw weights, the EMA and the AdamW state (moments, step counts; the lr is set anew
+    every step) of a run (train.py's build_run namespace)."""
+    clone = lambda x: {k: clone(v) for k, v in x.items()} if isinstance(x, dict) else \
+        [clone(v) for v in x] if isinstance(x, list) else x.clone() if isinstance(x, torch.Tensor) else x
+    return clone(dict(model=run.raw_model.state_dict(), ema=run.ema_model.state_dict(),
+                      optimizer=run.optimizer.state_dict()["state"]))
+
+
+def test_rows_per_task_by_largest_remainder():
+    mix = train.task_mix(train.get_args([]))                            # the default t2i 0.6, caption 0.2, vqa 0.2
+    assert train.rows_per_task(mix, 64) == {"t2i": 38, "caption": 13, "vqa": 13}
+    assert train.rows_per_task(mix, 16) == {"t2i": 10, "caption": 3, "vqa": 3}
+    assert train.rows_per_task({"t2i": 0.97, "caption": 0.01, "vqa": 0.01, "edit": 0.01}, 8) == \
+        {"t2i": 5, "caption": 1, "vqa": 1, "edit": 1}                 # at least one row per task
+
+
+def test_non_finite_steps_leave_weights_ema_and_optimizer_untouched(tmp_path, vae_path, diverge_at, monkeypatch,
+                                                                    capsys):
+    """Step 1 has a NaN loss and gradients, step 2 inf ones, step 3 a finite loss with NaN gradients:
+    none of them moves a weight, the EMA or AdamW's state; step 0 and step 4 do."""
+    diverge_at({1: "nan", 2: "inf", 3: "grad_nan"})
+    real, seen = train.train_step, {}
+
+    def spy(run, step, **kw):
+        before = snapshot(run)
+        out = real(run, step, **kw)
+        seen[step] = before, snapshot(run), out
+        return out
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path, vae_path, "--max_steps", "10", "--stop_at", "5")
+    assert [seen[s][2]["applied"] for s in range(5)] == [True, False, False, False, True]
+    assert seen[3][2]["loss"] == seen[3][2]["loss"] and seen[2][2]["loss"] == float("inf")
+    for step in (1, 2, 3):
+        before, after, _ = seen[step]
+        assert_same(after, before, f"step {step}")
+    for step in (0, 4):
+        before, after, _ = seen[step]
+        for part in ("model", "ema"):
+            assert not torch.equal(after[part]["llm.embed_tokens.weight"], before[part]["llm.embed_tokens.weight"])
+            assert all(v.isfinite().all() for v in after[part].values())
+    assert [r["skipped"] for r in read_log(tmp_path)] == [0, 1, 2, 3, 3]
+    stdout = capsys.readouterr().out                                    # the rows of the 16-row micro-batch
+    assert "data: shapes 32px, rows per micro-batch t2i 10, caption 3, vqa 3;" in stdout
+    assert "compiling" not in stdout                                    # --compile auto: off on CPU
+
+
+def test_fine_tune_from_a_checkpoint_file_in_raster_order(trained, tmp_path, vae_path, monkeypatch):
+    """--init_from PATH.pt starts a new run (step 0, fresh AdamW) from the file's EMA weights; --order
+    raster given again trains it in raster order, and its checkpoint says so."""
+    src = trained[0] / "ckpt.pt"
+    real, first = train.train_step, []
+
+    def spy(run, step, **kw):
+        if not first:
+            first.append(snapshot(run))
+        return real(run, step, **kw)
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path, vae_path, "--init_from", str(src), "--order", "raster", "--max_steps", "10", "--stop_at", "2")
+    start, source = first[0], torch.load(src, weights_only=True)
+    assert_same(start["model"], source["ema"], "model")
+    assert start["optimizer"] == {}
+    assert_same(start["ema"], source["ema"], "ema")
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["order"] == "raster" and source["config"]["order"] == "random"
 
 
 DUMP_FIRST_GRADIENTS = """
@@ -162,20 +261,32 @@ def test_nan_loss_in_a_row_stops_and_keeps_the_last_checkpoint(tmp_path, vae_pat
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(tmp_path),
-                             "--max_steps", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "log.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stdout and "--init_from resume" in stdout
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path, child):
+    """SIGINT (Ctrl-C) once the handler is installed and two steps are done: the step finishes, a
+    checkpoint is saved, exit 0 (tests/test_reliability.py sends SIGTERM)."""
+    proc = child([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(tmp_path),
+                  "--max_steps", "100000"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.wait_for(r"^Ctrl-C or SIGTERM: ", 120)
+    proc.wait_for(r"^step 2/100000 \|", 120)
+    proc.proc.send_signal(signal.SIGINT)
+    code, stdout, stderr = proc.finish(120)
+    assert code == 0, stderr[-2000:]
+    assert "stopped by SIGINT" in stdout and "--init_from resume" in stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 2
+
+
+def test_a_second_signal_gives_up_at_once():
+    """The first SIGINT/SIGTERM asks for a stop after the step; a second raises KeyboardInterrupt there and
+    then; leaving the block puts the caller's handlers back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train.stop_signals() as stop:
+        handler = signal.getsignal(signal.SIGINT)
+        assert handler is signal.getsignal(signal.SIGTERM) and handler not in before
+        handler(signal.SIGTERM, None)
+        assert stop["signal"] == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 @pytest.mark.parametrize("argv, words", [
