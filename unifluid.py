@@ -657,8 +657,8 @@ class GaussianDiffusion(nn.Module):
                             mean_xt=(1 - acp_prev) * (1 - beta).sqrt() / (1 - acp)).items():
             self.register_buffer(name, v.float(), persistent=False)
 
-    def eps_from(self, out, x_t, a):   # the head's output (eps or v) -> eps
-        return (1 - a).sqrt() * x_t + a.sqrt() * out if self.prediction == "v" else out
+    def eps_from(self, out, x_t, a):   # the head's output (eps or v) -> eps; a: a tensor or a float
+        return (1 - a) ** 0.5 * x_t + a ** 0.5 * out if self.prediction == "v" else out
 
     @staticmethod
     def learned_logvar(mix, log_beta, log_posterior):   # mix in [-1, 1]: posterior variance (-1) to beta (1)
@@ -696,22 +696,39 @@ class GaussianDiffusion(nn.Module):
             loss = loss + torch.where(i == 0, nll, kl).mean(1) / math.log(2)
         return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp(min=1)
 
+    SAMPLERS = ("ddpm", "ddim")
+    # The predicted clean token is clamped to [-clip_x0, clip_x0] while sampling. MAR does not clip (None
+    # reproduces its sampler): with eps prediction x0 = (x_t - sqrt(1 - acp) eps) / sqrt(acp) multiplies
+    # the head's error by ~2e4 at t = T, and an imperfect eps head then leaves the data's range for good
+    # (docs/sampling.md, "Where the sampler departs from MAR"). Tokens of a VAE scaled to unit variance
+    # never reach 10, and v prediction keeps x0 bounded, so the clamp only acts on such runaway steps.
+    clip_x0 = 10.0
+
     @torch.no_grad()
-    def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None):
+    def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None, sampler="ddpm"):
         """z (n, D) -> tokens (n, Dt). With cfg (a float, or a (n/2,) tensor) z holds the conditional
         rows then the unconditional rows, and n/2 tokens come back, guided as eps_u + cfg (eps_c - eps_u).
-        Respaced ancestral DDPM over num_steps evenly spaced timesteps, noise * temperature (MAR)."""
+        Both samplers walk num_steps evenly spaced timesteps down from x_T ~ N(0, I), as MAR's:
+          ddpm: ancestral sampling (MAR's p_sample_loop), the noise of each step scaled by temperature
+                (MAR's temperature: it never scales x_T);
+          ddim: the deterministic DDIM update (eta 0): the same predicted clean token and noise at every
+                step, no noise added, so there is nothing for a temperature to scale and it must be 1.
+        The predicted clean token is clamped to clip_x0 (MAR: no clamp)."""
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
+        if sampler == "ddim" and temperature != 1.0:
+            raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
+                             f"use temperature 1 or the ddpm sampler")
         guided = cfg is not None
         n = z.shape[0] // 2 if guided else z.shape[0]
         if guided and torch.is_tensor(cfg):
             cfg = cfg.to(z.device, torch.float32).view(-1, 1)
         ts = torch.linspace(0, self.steps - 1, num_steps, device=z.device).round().long()
-        acp = self.acp[ts]
-        acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
-        x = temperature * torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
+        acp = self.acp[ts].double().tolist()       # per-step coefficients as Python floats: no tensor op each
+        x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
         c = self.head.condition(z)         # the same at every step: embedded once
         for i in reversed(range(num_steps)):
-            a, ap = acp[i], acp_prev[i]
+            a, ap = acp[i], acp[i - 1] if i > 0 else 1.0
             xin = torch.cat([x, x]) if guided else x
             eps = self.head(xin.to(z.dtype), ts[i].view(1), c).float()   # one timestep for all rows
             if self.learn_sigma:
@@ -721,15 +738,22 @@ class GaussianDiffusion(nn.Module):
                 cond, uncond = eps.chunk(2)
                 eps = uncond + cfg * (cond - uncond)
             eps = self.eps_from(eps, x, a)
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-10, 10)   # predicted clean token
+            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5                   # predicted clean token
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             if i == 0:
                 return x0
+            if sampler == "ddim":                                        # x0 and eps carried to the next level
+                x = ap ** 0.5 * x0 + (1 - ap) ** 0.5 * eps
+                continue
             beta = 1 - a / ap                                            # respaced beta
-            mean = (ap.sqrt() * beta * x0 + (1 - ap) * (1 - beta).sqrt() * x) / (1 - a)
+            mean = (ap ** 0.5 * beta * x0 + (1 - ap) * (1 - beta) ** 0.5 * x) / (1 - a)
             var = beta * (1 - ap) / (1 - a)                              # posterior variance
             if self.learn_sigma:                                         # or between it and beta, learned
-                var = self.learned_logvar(mix, beta.log(), var.log()).exp()
-            x = mean + var.sqrt() * temperature * torch.randn(x.shape, generator=generator, device=x.device)
+                std = (0.5 * self.learned_logvar(mix, math.log(beta), math.log(var))).exp()
+            else:
+                std = var ** 0.5
+            x = mean + std * temperature * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
 # -----------------------------------------------------------------------------
@@ -915,11 +939,12 @@ class UniFluid(nn.Module):
     @torch.no_grad()
     def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
                         und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear",
-                        on_step=None):
+                        on_step=None, sampler="ddpm"):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
         cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction
-        (cfg_schedule "linear", MAR's default) or stays at cfg ("constant", MAR's other option).
+        (cfg_schedule "linear", MAR's default: 1 + (cfg - 1)(N - 1)/N at the last step, as MAR's) or stays
+        at cfg ("constant", MAR's other option). sampler: the diffusion head's, "ddpm" or "ddim" (GaussianDiffusion.sample).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
         (use_cache). Both switches exist for the naive baseline of `sample.py --bench`. on_step(k, latents,
         mask), if given, sees each step's result: the grids drawn so far (masked slots hold zeros) and the
@@ -963,16 +988,17 @@ class UniFluid(nn.Module):
             z = self.head_condition(trunk(rows(self.gen_inputs(tokens, mask))))
             if config.order == "raster":
                 mask_len = N - k - 1
-            else:
-                mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))
-                mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len)) if k < steps - 1 else 0
-            new_mask = mask_by_order(mask_len, orders)
+            else:                        # MAR keeps >= 1 slot masked in this count, the last step's too, where
+                mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))   # it sets only
+                mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len))              # the guidance
+            new_mask = mask_by_order(mask_len, orders) if k < steps - 1 else torch.zeros_like(mask)
             reveal = mask & ~new_mask                                              # (B, N)
             scale = 1 + (cfg - 1) * (N - mask_len) / N if cfg_schedule == "linear" else cfg
             zr = z[:B][reveal]
             if guided:
                 zr = torch.cat([zr, z[B:][reveal]])
-            out = self.diffusion.sample(zr, diffusion_steps, temperature, scale if guided else None, generator)
+            out = self.diffusion.sample(zr, diffusion_steps, temperature, scale if guided else None, generator,
+                                        sampler)
             tokens = tokens.clone()
             tokens[reveal] = out.to(tokens.dtype)
             mask = new_mask

@@ -130,20 +130,25 @@ def test_kv_cached_text_decoding_matches_full_recomputation():
     assert l1.shape == l2.shape and (l1 - l2).abs().max() < 1e-5
 
 
-def test_image_generation_cache_and_seed():
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_image_generation_cache_and_seed(sampler):
     m = tiny().eval()
     randomize_head(m)
     run = lambda seed, **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=4, cfg=3.0,
-                                               diffusion_steps=8, generator=torch.Generator().manual_seed(seed), **kw)
+                                               diffusion_steps=8, generator=torch.Generator().manual_seed(seed),
+                                               sampler=sampler, **kw)
+    # an untrained eps head leaves x0 = (x_T - eps) / sqrt(acp) ~ 1e4 at t = T (unclipped, as MAR's):
+    # compare at float32 rounding relative to the tokens' scale
+    close = lambda x, y: (x - y).abs().max() <= 1e-5 * x.abs().max()
     a, b, c = run(0), run(0, use_cache=False), run(1)
     C, s = m.cfg.latent_channels, m.cfg.latent_size
     assert a.shape == (2, C, s, s) and torch.isfinite(a).all()
-    assert (a - b).abs().max() < 1e-4, "prefix KV cache must not change the samples"
+    assert close(a, b), "prefix KV cache must not change the samples"
     assert torch.equal(run(0), a), "same seed, same images"
     assert not torch.allclose(a, c)
-    assert (a - run(0, batch_cfg=False)).abs().max() < 1e-4, "cond+uncond in one batch = separate passes"
+    assert close(a, run(0, batch_cfg=False)), "cond+uncond in one batch = separate passes"
     edit = m.generate_images(["make it blue"], num_iter=4, cfg=2.0, diffusion_steps=4,
-                             und_images=torch.zeros(1, 3, 32, 32))
+                             und_images=torch.zeros(1, 3, 32, 32), sampler=sampler)
     assert edit.shape == (1, C, s, s)
 
 
@@ -246,10 +251,11 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, lea
         loss.backward()
         opt.step()
     g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        s = diff.sample(conds[i].expand(1000, 2), num_steps=50, generator=g)
-        assert (s.mean(0) - means[i]).abs().max() < 0.1, (i, s.mean(0))
-        assert ((s.std(0) / stds[i]) - 1).abs().max() < 0.25, (i, s.std(0))
+    for sampler, steps in (("ddim", 10), ("ddpm", 50)):   # the deterministic sampler at a fifth of the steps
+        for i in range(2):
+            s = diff.sample(conds[i].expand(1000, 2), num_steps=steps, generator=g, sampler=sampler)
+            assert (s.mean(0) - means[i]).abs().max() < 0.1, (sampler, i, s.mean(0))
+            assert ((s.std(0) / stds[i]) - 1).abs().max() < 0.25, (sampler, i, s.std(0))
     # classifier-free guidance at scale 1 is the conditional sample
     z_c, z_u = conds[0].expand(100, 2), torch.zeros(100, 2)
     a = diff.sample(z_c, num_steps=20, generator=torch.Generator().manual_seed(1))
@@ -258,6 +264,49 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, lea
     # temperature scales the spread
     cold = diff.sample(conds[0].expand(2000, 2), num_steps=50, temperature=0.5, generator=g)
     assert cold.std(0).mean() < s.std(0).mean() * 5 and cold.std(0).mean() < 0.8 * 0.5
+
+
+def test_sampler_draws_as_mars():
+    """MAR's p_sample_loop: x_T ~ N(0, I) whatever the temperature, which scales only the noise of each
+    step; ddim draws x_T alone and refuses a temperature; with clip_x0 None nothing is clamped."""
+    torch.manual_seed(0)
+    diff = GaussianDiffusion(DiffusionHead(token_dim=3, cond_dim=2, width=16, depth=1))   # zero init: eps = 0
+    z = torch.randn(5, 2)
+    draw = lambda sampler="ddpm", steps=2, temperature=1.0: diff.sample(
+        z, steps, temperature, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert torch.equal(draw(steps=1, temperature=0.3), draw(steps=1)), "temperature must not scale x_T"
+    assert not torch.equal(draw(temperature=0.3), draw()), "temperature scales the per-step noise"
+    g = torch.Generator().manual_seed(0)
+    x_T, noise = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    a, ap = diff.acp[-1].double(), diff.acp[0].double()      # steps=2: t = 999, then t = 0
+    diff.clip_x0 = None                                     # MAR's sampler, written out for eps = 0
+    beta = 1 - a / ap
+    x = (ap.sqrt() * beta * x_T / a.sqrt() + (1 - ap) * (1 - beta).sqrt() * x_T) / (1 - a) \
+        + (beta * (1 - ap) / (1 - a)).sqrt() * noise
+    want = (x / ap.sqrt()).float()
+    got = draw()
+    assert got.abs().max() > 100 and ((got - want).abs().max() / want.abs().max()) < 1e-5
+    diff.clip_x0 = 10.0
+    assert draw().abs().max() < 11, "the clamp bounds the predicted clean token"
+    ddim = draw("ddim", steps=4)
+    assert torch.equal(ddim, draw("ddim", steps=4)) and not torch.equal(ddim, draw(steps=4))
+    with pytest.raises(ValueError, match="temperature"):
+        draw("ddim", temperature=0.5)
+
+
+def test_guidance_at_the_last_reveal_step_is_mars(monkeypatch):
+    """MAR keeps >= 1 slot in the masked count that sets the guidance, so its last step guides with
+    1 + (cfg - 1)(N - 1)/N, not cfg; every slot is still revealed."""
+    m = tiny().eval()
+    scales, sample = [], m.diffusion.sample
+    def spy(z, steps, temperature, cfg, *args):
+        scales.append(cfg)
+        return sample(z, steps, temperature, cfg, *args)
+    monkeypatch.setattr(m.diffusion, "sample", spy)
+    N, cfg = m.cfg.num_image_tokens, 3.0
+    m.generate_images(["a red circle"], num_iter=4, cfg=cfg, diffusion_steps=2)
+    assert len(scales) == 4 and scales[-1] == pytest.approx(1 + (cfg - 1) * (N - 1) / N)
+    assert scales == sorted(scales)
 
 
 # ---- the joint loss and image_weight (README, Training)
