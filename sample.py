@@ -9,6 +9,7 @@ Sample from a trained UniFluid: text-to-image, captioning, question answering an
     python sample.py --image scene.png --edit "make the circle green"          # -> out/shapes/edit.png
     python sample.py --prompt "a red circle" --reveal reveal.gif    # also the image after each reveal step
     python sample.py --bench                  # images/s and tokens/s, cache on and off, on this device
+    python sample.py --bench --compare 16/10/ddim --compare 8/10/ddim   # settings side by side, where time goes
 
 Reads out_dir/ckpt.pt written by train.py (EMA weights unless --no-ema). An empty prompt draws an
 unconditional sample; a prompt longer than the model's text length is truncated, with a warning.
@@ -39,6 +40,14 @@ def positive(kind):
     return check
 
 
+def setting(s):
+    """'16/50/ddpm' -> (reveal steps, head steps, sampler)."""
+    parts = s.split("/")
+    if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts[:2]) or parts[2] not in ("ddpm", "ddim"):
+        raise argparse.ArgumentTypeError(f"expected REVEAL/HEAD/SAMPLER such as 16/50/ddpm, got {s!r}")
+    return int(parts[0]), int(parts[1]), parts[2]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/shapes", help="folder (or .pt file) of the checkpoint train.py wrote")
@@ -55,7 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
     p.add_argument("--num_iter", type=positive(int), default=16, help="reveal steps of random-order sampling")
-    p.add_argument("--diffusion_steps", type=positive(int), default=50, help="respaced DDPM steps per token")
+    p.add_argument("--diffusion_steps", type=positive(int), default=50, help="diffusion head steps per token")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="diffusion head sampler: ancestral ddpm (MAR's) or deterministic ddim (no --temperature)")
     # text tokens
     p.add_argument("--text_temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top_k", type=positive(int), help="sample among the k most likely tokens")
@@ -68,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the prefix every step (slow; for checking)")
     p.add_argument("--bench", action="store_true", help="print images/s and tokens/s with the cache on and off")
+    p.add_argument("--compare", action="append", type=setting, default=[], metavar="REVEAL/HEAD/SAMPLER",
+                   help="with --bench: also time this setting (e.g. 16/50/ddpm, repeatable) beside the flags' own, "
+                        "with the share of the trunk and the diffusion head in each")
     args = p.parse_args(argv)
     if (args.question or args.edit is not None) and not args.image:
         p.error("--question and --edit need --image PATH")
@@ -83,6 +97,10 @@ def parse_args(argv=None):
         p.error(f"--reveal writes a .gif (one frame per step) or a .png (a strip), not {args.reveal!r}")
     if args.text_temperature < 0 or args.temperature < 0:
         p.error("temperatures must be >= 0")
+    if args.temperature != 1.0 and "ddim" in [args.sampler] + [c[2] for c in args.compare]:
+        p.error("--temperature scales the per-step noise of --sampler ddpm; ddim adds none: drop one of them")
+    if args.compare and not args.bench:
+        p.error("--compare times settings side by side: add --bench")
     return args
 
 
@@ -174,7 +192,7 @@ def text_to_image(model, vae, prompts, k, args, generator, und_images=None, on_s
     und = und_images.expand(len(batch), -1, -1, -1) if und_images is not None else None
     latents = model.generate_images(batch, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
                                     und_images=und, generator=generator, use_cache=not args.no_cache,
-                                    on_step=on_step)
+                                    on_step=on_step, sampler=args.sampler)
     return vae.decode(latents.float())
 
 
@@ -256,6 +274,50 @@ def same(a, b):
     return "identical" if d == 0 else f"max |diff| {d:.1e}"
 
 
+@contextlib.contextmanager
+def time_split(model, device):
+    """-> dict of seconds spent in the trunk's and the diffusion head's forward calls while it is open."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    spent, handles = {"trunk": 0.0, "head": 0.0}, []
+    for name, mod in (("trunk", model.llm), ("head", model.diffusion.head)):
+        def start(m, inp, name=name):
+            sync()
+            spent[name] -= time.perf_counter()
+        def stop(m, inp, out, name=name):
+            sync()
+            spent[name] += time.perf_counter()
+        handles += [mod.register_forward_pre_hook(start), mod.register_forward_hook(stop)]
+    try:
+        yield spent
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def compare(model, prompts, args, device, seeded):
+    """images/s of the flags' setting and each --compare setting, timed round-robin (best of 3), and the share
+    of one call's wall time spent in the trunk, in the diffusion head, and elsewhere (Python, CFG, masking)."""
+    settings = [(args.num_iter, args.diffusion_steps, args.sampler)] + args.compare
+    run = lambda r, s, smp: model.generate_images(prompts, r, args.cfg, args.temperature, s, generator=seeded(),
+                                                  sampler=smp)
+    _, t = best_times([lambda st=st: run(*st) for st in settings], device)
+    print(f"text-to-image, {len(prompts)} images, cfg {args.cfg}, prefix cache: reveal steps / head steps / sampler")
+    rows = []
+    for st, ti in zip(settings, t):
+        with time_split(model, device) as spent:
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            t0 = time.perf_counter()
+            run(*st)
+            sync()
+            wall = time.perf_counter() - t0
+        share = {k: v / wall for k, v in spent.items()}
+        print(f"  {'/'.join(map(str, st)):14s} {len(prompts) / ti:8.2f} images/s  {t[0] / ti:5.2f}x the first   "
+              f"trunk {share['trunk']:4.0%}  head {share['head']:4.0%}  other {1 - sum(share.values()):4.0%}")
+        rows.append({"setting": "/".join(map(str, st)), "images_per_s": round(len(prompts) / ti, 3),
+                     **{k: round(v, 3) for k, v in share.items()}})
+    print(json.dumps({"result": "compare", "device": str(device), "threads": torch.get_num_threads(), "rows": rows}))
+
+
 def bench(model, vae, args, device):
     """images/s and tokens/s of each sampling path, one seed for all (README, Performance: the
     prefix cache + batched CFG against the naive loop; KV-cached decoding against recomputation)."""
@@ -273,6 +335,8 @@ def bench(model, vae, args, device):
     for i, ((name, _), out, t) in enumerate(zip(paths, outs, t_img)):   # each path against the last (cached) one
         check = f"outputs {same(out, outs[-1])}" if i < len(paths) - 1 else "(reference)"
         print(f"  {name:52s} {B / t:8.2f} images/s  {t_img[0] / t:5.2f}x naive   {check}")
+    if args.compare:
+        compare(model, prompts, args, device, seeded)
     images = vae.decode(outs[-1].float())                                           # caption what we drew
     print(f"captioning, {B} images, {new} new tokens each (end of text ignored: every row decodes {new}):")
     paths = [("no cache: recompute the whole sequence each token", False), ("kv cache", True)]

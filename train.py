@@ -146,6 +146,7 @@ def build_parser():
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
     g.add_argument("--diffusion_steps", type=positive_int, default=50, help="diffusion head steps when sampling")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="diffusion head sampler (sample.py)")
     return p
 
 
@@ -168,6 +169,8 @@ def get_args(argv=None):
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards the model over the processes that torchrun starts: launch with "
                 "`torchrun --nproc_per_node N train.py ... --fsdp`")
+    if args.sampler == "ddim" and args.temperature != 1.0:
+        p.error("--temperature scales the per-step noise of --sampler ddpm; ddim adds none: drop one of them")
     if args.und_encoder and not args.und_encoder.startswith("siglip:"):
         p.error(f"--und_encoder {args.und_encoder}: expected siglip:DIR")
     if args.init_from.startswith("gemma:") and not args.tokenizer.startswith("gemma:"):
@@ -1117,7 +1120,8 @@ def fixed_examples(args, n_prompts=12, n_images=6):
 @torch.no_grad()
 def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
     g = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(generator_seed)
-    lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps, generator=g)
+    lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
+                                generator=g, sampler=args.sampler)
     texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
                                 max_new_tokens=model.cfg.max_text_len) if und else []
     if path is None:                     # a rank of a sharded model that only computed along
@@ -1184,7 +1188,8 @@ def evaluate_shapes(model, vae, args, n_per_task, log=print):
     g = torch.Generator(dev).manual_seed(args.seed)
     gen = lambda texts, und=None: torch.cat([
         vae.decode(model.generate_images(texts[i:i + 64], args.num_iter, args.cfg, args.temperature,
-                                         args.diffusion_steps, None if und is None else und[i:i + 64], g)).float().cpu()
+                                         args.diffusion_steps, None if und is None else und[i:i + 64], g,
+                                         sampler=args.sampler)).float().cpu()
         for i in range(0, len(texts), 64)])
     out = {}
     prompts = shapes.eval_prompts(n_per_task, seed=args.seed, split="test", resolution=res)

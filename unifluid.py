@@ -592,7 +592,7 @@ class ResBlock(nn.Module):
 
 class DiffusionHead(nn.Module):
     """The MLP that predicts the noise of one token. Its interface: token_dim, condition(z) (the decoder
-    output embedded once per token), forward(x_t, t, c)."""
+    output embedded once per token), time(t), forward(x_t, t, c) = denoise(x_t, time(t) + c)."""
     def __init__(self, token_dim, cond_dim, width, depth, out_dim=None):
         super().__init__()
         self.token_dim = token_dim     # out_dim = 2 * token_dim with a learned variance: (eps, variance mix)
@@ -610,8 +610,13 @@ class DiffusionHead(nn.Module):
     def condition(self, z):            # decoder output (n, D) -> (n, width); the same at every timestep
         return self.c_embed(z)
 
+    def time(self, t):                 # timesteps (n,) -> (n, width), added to the condition
+        return self.t_embed(timestep_embedding(t, 256))
+
     def forward(self, x, t, c):        # noisy token (n, Dt), timestep (n,) or (1,), condition(z) (n, width) -> eps
-        c = self.t_embed(timestep_embedding(t, 256)) + c
+        return self.denoise(x, self.time(t) + c)
+
+    def denoise(self, x, c):           # c = condition(z) + time(t): the sampler embeds its timesteps once
         h = self.x_in(x)
         for b in self.blocks:
             h = b(h, c)
@@ -727,10 +732,11 @@ class GaussianDiffusion(nn.Module):
         acp = self.acp[ts].double().tolist()       # per-step coefficients as Python floats: no tensor op each
         x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
         c = self.head.condition(z)         # the same at every step: embedded once
+        t_emb = self.head.time(ts).to(c.dtype)   # each step's timestep embedding, all in one call
         for i in reversed(range(num_steps)):
             a, ap = acp[i], acp[i - 1] if i > 0 else 1.0
             xin = torch.cat([x, x]) if guided else x
-            eps = self.head(xin.to(z.dtype), ts[i].view(1), c).float()   # one timestep for all rows
+            eps = self.head.denoise(xin.to(z.dtype), c + t_emb[i]).float()   # one timestep for all rows
             if self.learn_sigma:
                 eps, mix = eps.chunk(2, -1)
                 mix = mix[:n]                                            # the conditional rows' variance

@@ -16,6 +16,7 @@ Bad inputs and what happens (README table of that name):
     --device tpu, --num_images 0      argparse error (exit 2)
     --no-ema                          the raw weights instead of the EMA (tests/test_reliability.py)
 """
+import json
 import os
 import re
 import struct
@@ -175,12 +176,18 @@ def test_errors_are_one_sentence(ckpt, tmp_path):
     one_line_error(run("--out_dir", ckpt, "--prompt", "x", "--device", "tpu", ok=False), 2, "invalid choice")
     one_line_error(run("--out_dir", ckpt, "--prompt", "x", "--num_images", 0, ok=False), 2, "--num_images",
                    "must be > 0")
+    one_line_error(run("--out_dir", ckpt, "--bench", "--compare", "16/50", ok=False), 2, "REVEAL/HEAD/SAMPLER")
+    one_line_error(run("--out_dir", ckpt, "--prompt", "x", "--sampler", "ddim", "--temperature", "0.5", ok=False), 2,
+                   "ddim adds none")
 
 
 def test_bench_prints_figures(ckpt):
     p = run("--out_dir", ckpt, "--bench", "--num_images", 2, "--num_iter", 2, "--diffusion_steps", 2,
-            "--max_new_tokens", 4)
+            "--max_new_tokens", 4, "--compare", "1/3/ddim")
     out = p.stdout
-    assert out.count("images/s") == 3 and out.count("tokens/s") == 2
+    assert out.count("images/s") == 5 and out.count("tokens/s") == 2
+    rows = json.loads(next(l for l in out.splitlines() if '"compare"' in l))["rows"]
+    assert [r["setting"] for r in rows] == ["2/2/ddpm", "1/3/ddim"]
+    assert all(0 < r["trunk"] < 1 and 0 < r["head"] < 1 and r["trunk"] + r["head"] <= 1 for r in rows)
     # each path against the prefix-cached (kv-cached) one, which is not compared with itself
     assert out.count("outputs identical") == 3, "cache on/off and batched/separate CFG must agree exactly"
