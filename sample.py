@@ -64,9 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
     p.add_argument("--num_iter", type=positive(int), default=16, help="reveal steps of random-order sampling")
-    p.add_argument("--diffusion_steps", type=positive(int), default=50, help="diffusion head steps per token")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
-                   help="diffusion head sampler: ancestral ddpm (MAR's) or deterministic ddim (no --temperature)")
+    p.add_argument("--diffusion_steps", type=positive(int),
+                   help="diffusion head steps per token (default: 10 with ddim, 50 with ddpm)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"],
+                   help="diffusion head sampler: ancestral ddpm (MAR's) or deterministic ddim (temperature 1 only); "
+                        "default: ddim for a v-prediction head at temperature 1, else ddpm (docs/sampling.md)")
     # text tokens
     p.add_argument("--text_temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top_k", type=positive(int), help="sample among the k most likely tokens")
@@ -276,28 +278,32 @@ def same(a, b):
 
 @contextlib.contextmanager
 def time_split(model, device):
-    """-> dict of seconds spent in the trunk's and the diffusion head's forward calls while it is open."""
+    """-> dict of seconds spent, while it is open, in the trunk (the decoder's forward calls) and in the
+    diffusion head's sampler (model.diffusion.sample: the head network and its per-step updates)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    spent, handles = {"trunk": 0.0, "head": 0.0}, []
-    for name, mod in (("trunk", model.llm), ("head", model.diffusion.head)):
-        def start(m, inp, name=name):
+    spent = {"trunk": 0.0, "head": 0.0}
+    def timed(fn, name):
+        def call(*a, **k):
             sync()
-            spent[name] -= time.perf_counter()
-        def stop(m, inp, out, name=name):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
             sync()
-            spent[name] += time.perf_counter()
-        handles += [mod.register_forward_pre_hook(start), mod.register_forward_hook(stop)]
+            spent[name] += time.perf_counter() - t0
+            return out
+        return call
+    model.llm.forward, model.diffusion.sample = timed(model.llm.forward, "trunk"), timed(model.diffusion.sample, "head")
     try:
         yield spent
     finally:
-        for h in handles:
-            h.remove()
+        del model.llm.forward, model.diffusion.sample     # back to the class's methods
 
 
 def compare(model, prompts, args, device, seeded):
     """images/s of the flags' setting and each --compare setting, timed round-robin (best of 3), and the share
-    of one call's wall time spent in the trunk, in the diffusion head, and elsewhere (Python, CFG, masking)."""
-    settings = [(args.num_iter, args.diffusion_steps, args.sampler)] + args.compare
+    of one call's wall time spent in the trunk, in the diffusion head's sampler, and elsewhere (embedding,
+    masking, Python)."""
+    settings = [(args.num_iter, *model.sampler_defaults(args.temperature, args.sampler, args.diffusion_steps)[::-1])]
+    settings += args.compare
     run = lambda r, s, smp: model.generate_images(prompts, r, args.cfg, args.temperature, s, generator=seeded(),
                                                   sampler=smp)
     _, t = best_times([lambda st=st: run(*st) for st in settings], device)
@@ -326,12 +332,13 @@ def bench(model, vae, args, device):
     seeded = lambda: torch.Generator(device).manual_seed(args.seed)
     print(f"bench: {device}, {torch.get_num_threads()} threads, {model.num_params() / 1e6:.2f}M params, "
           f"d_model {model.cfg.d_model} x {model.cfg.n_layer} layers, {model.cfg.num_image_tokens} image tokens")
-    print(f"text-to-image, {B} images, {args.num_iter} reveal steps x {args.diffusion_steps} diffusion steps, cfg {args.cfg}:")
+    sampler, steps = model.sampler_defaults(args.temperature, args.sampler, args.diffusion_steps)
+    print(f"text-to-image, {B} images, {args.num_iter} reveal steps x {steps} {sampler} steps, cfg {args.cfg}:")
     paths = [("naive: no cache, cond and uncond as separate passes", dict(use_cache=False, batch_cfg=False)),
              ("no cache, cond and uncond in one batch", dict(use_cache=False)),
              ("prefix cache, cond and uncond in one batch", dict(use_cache=True))]
     outs, t_img = best_times([lambda kw=kw: model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
-                              args.diffusion_steps, generator=seeded(), **kw) for _, kw in paths], device)
+                              steps, generator=seeded(), sampler=sampler, **kw) for _, kw in paths], device)
     for i, ((name, _), out, t) in enumerate(zip(paths, outs, t_img)):   # each path against the last (cached) one
         check = f"outputs {same(out, outs[-1])}" if i < len(paths) - 1 else "(reference)"
         print(f"  {name:52s} {B / t:8.2f} images/s  {t_img[0] / t:5.2f}x naive   {check}")

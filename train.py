@@ -145,8 +145,8 @@ def build_parser():
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
     g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
-    g.add_argument("--diffusion_steps", type=positive_int, default=50, help="diffusion head steps when sampling")
-    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="diffusion head sampler (sample.py)")
+    g.add_argument("--diffusion_steps", type=positive_int, help="diffusion head steps when sampling (sample.py)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], help="diffusion head sampler (sample.py)")
     return p
 
 

@@ -749,7 +749,8 @@ class GaussianDiffusion(nn.Module):
                 x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             if i == 0:
                 return x0
-            if sampler == "ddim":                                        # x0 and eps carried to the next level
+            if sampler == "ddim":        # x0 and the noise it implies (after the clamp, as guided-diffusion's
+                eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5   # ddim_sample) carried to the next level
                 x = ap ** 0.5 * x0 + (1 - ap) ** 0.5 * eps
                 continue
             beta = 1 - a / ap                                            # respaced beta
@@ -942,21 +943,30 @@ class UniFluid(nn.Module):
     # -------------------------------------------------------------------------
     # 10. Generation
 
+    def sampler_defaults(self, temperature=1.0, sampler=None, diffusion_steps=None):
+        """-> (sampler, head steps), filling in what is None: the deterministic ddim sampler in 10 steps for a
+        v-prediction head at temperature 1, else MAR's ancestral ddpm in 50 (docs/sampling.md: ddim holds a v
+        head's accuracy at a fifth of the steps, and carries an eps head's error at t = T to the end)."""
+        sampler = sampler or ("ddim" if self.cfg.prediction == "v" and temperature == 1.0 else "ddpm")
+        return sampler, diffusion_steps or (10 if sampler == "ddim" else 50)
+
     @torch.no_grad()
-    def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50,
+    def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=None,
                         und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear",
-                        on_step=None, sampler="ddpm"):
+                        on_step=None, sampler=None):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
         cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction
         (cfg_schedule "linear", MAR's default: 1 + (cfg - 1)(N - 1)/N at the last step, as MAR's) or stays
-        at cfg ("constant", MAR's other option). sampler: the diffusion head's, "ddpm" or "ddim" (GaussianDiffusion.sample).
+        at cfg ("constant", MAR's other option). sampler ("ddpm" or "ddim", GaussianDiffusion.sample) and
+        diffusion_steps (the head's steps per token): None picks them (sampler_defaults).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
         (use_cache). Both switches exist for the naive baseline of `sample.py --bench`. on_step(k, latents,
         mask), if given, sees each step's result: the grids drawn so far (masked slots hold zeros) and the
         (B, N) mask of the slots still masked (`sample.py --reveal` draws them; it must not use generator)."""
         config, dev = self.cfg, self.llm.embed_tokens.weight.device
         B, N, guided = len(prompts), config.num_image_tokens, cfg != 1.0
+        sampler, diffusion_steps = self.sampler_defaults(temperature, sampler, diffusion_steps)
         task = "edit" if und_images is not None else "t2i"
         tasks, texts = [task] * B, list(prompts)
         if guided:                       # uncond rows: the empty prompt (image kept for editing)

@@ -87,7 +87,8 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
 def test_eval_only_writes_the_documented_keys(trained, tmp_path):
     out = tmp_path                       # a copy of the run: its own eval.json stays as the run wrote it
     shutil.copy(trained[0] / "ckpt.pt", out / "ckpt.pt")
-    train.main(["--eval_only", "--out_dir", str(out), "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"])
+    train.main(["--eval_only", "--out_dir", str(out), "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
+                "--sampler", "ddim"])      # the run itself evaluated with the default sampler
     result = json.loads((out / "eval.json").read_text())
     assert set(without_vqa_kinds(result)) == EVAL_KEYS
     assert all(0 <= v <= 1 for k, v in result.items() if not k.startswith("val_"))
@@ -296,6 +297,7 @@ def test_a_second_signal_gives_up_at_once():
     (["--tasks", "t2i=0.5,paint=0.5"], ["--tasks", "t2i, caption, vqa, edit"]),
     (["--init_from", "resume", "--out_dir", "/nonexistent/run"], ["no checkpoint", "python train.py"]),
     (["--fsdp"], ["--fsdp", "torchrun --nproc_per_node N"]),
+    (["--sampler", "ddim", "--temperature", "0.5"], ["--temperature", "ddim adds none"]),
 ])
 def test_bad_input_is_one_clear_sentence(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
