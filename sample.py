@@ -25,8 +25,8 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from unifluid import UniFluid
-from vae import from_pil, load_vae, save_grid, to_pil, torch_load
+from checkpoint import checkpoint_path, load_checkpoint
+from vae import from_pil, save_grid, to_pil
 
 REVEAL_CELL, REVEAL_BAND, REVEAL_GAP = 96, 14, 4   # --reveal: px of an image at least, of the step label, between frames
 
@@ -119,14 +119,12 @@ def load(args):
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {device} is not available on this machine; use --device cpu")
-    path = os.path.join(args.out_dir, "ckpt.pt") if not args.out_dir.endswith(".pt") else args.out_dir
+    path = checkpoint_path(args.out_dir)
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}: train one with `python train.py --out_dir {os.path.dirname(path) or '.'}` "
              f"or point --out_dir at the folder that holds ckpt.pt")
     try:                                 # weights_only: a checkpoint from elsewhere cannot run code
-        ckpt = torch_load(path)
-        model = UniFluid.from_checkpoint(ckpt, ema=args.ema).to(device)
-        vae = load_vae(ckpt["vae"], device)
+        model, vae, _, _ = load_checkpoint(path, device, ema=args.ema)
     except Exception as e:
         fail(f"cannot load checkpoint {path}: {e}")
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"

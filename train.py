@@ -37,11 +37,9 @@ Gemma / SigLIP: their folders, configs and weight names),
 """
 import argparse
 import copy
-import itertools
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -49,16 +47,19 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import (load_checkpoint, load_optimizer_state, read_checkpoint, read_hf_folder, save_checkpoint,
+                        set_rng_state)
+from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
+from data.streams import ShardStream, TaskStreams, encode_batch, rows_per_task, step_seed
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
-                      estimate_flops_per_example, patchify, tokenizer_from_state)
+                      estimate_flops_per_example, gemma_config, load_gemma, load_siglip, siglip_config,
+                      tokenizer_from_state)
 from vae import save_grid
 
-TASKS = ("t2i", "caption", "vqa", "edit")
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs
 
@@ -77,7 +78,7 @@ def build_parser():
     g.add_argument("--resolution", type=non_negative(int), default=0, help="image side in pixels; 0 = the preset's")
     g.add_argument("--holdout", type=fraction, default=0.02, help="share of a real dataset without a validation "
                    "split held out of training by a hash of each sample's key, for validation and evaluation")
-    g.add_argument("--tasks", type=task_shares, default=None,
+    g.add_argument("--tasks", type=parse_tasks, default=None,
                    help="task mix in one flag, e.g. t2i=0.5,caption=0.25,vqa=0.25 (overrides the four below)")
     g.add_argument("--t2i", type=non_negative(float), default=0.6, help="share of text-to-image examples "
                    "(generation is the slow half to learn: it gets the larger share)")
@@ -399,7 +400,8 @@ def build_run(args, device, ddp, local_rank, world, log):
     args.grad_accum = args.grad_accum or world
     if args.grad_accum % world:
         raise SystemExit(f"train.py: error: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    rows = rows_per_task(task_mix(args), args.batch_size)
+    with dataset_errors():               # e.g. a --batch_size too small for the task mix
+        rows = rows_per_task(task_mix(args), args.batch_size)
     mix = {t: n / args.batch_size for t, n in rows.items()}
     gemma, siglip = (None, None) if ckpt is not None else read_pretrained(args)   # (config.json, tensors) each
     if ckpt is None:
@@ -609,131 +611,12 @@ def read_pretrained(args):
         raise SystemExit(f"train.py: error: {e}") from None
 
 
-def read_hf_folder(path):
-    """A Hugging Face model folder -> (config.json as a dict, {name: tensor}). The weights are
-    model.safetensors, or the shards that model.safetensors.index.json lists."""
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
-    from vae import read_safetensors    # checks the header against the file size, then the safetensors package
-    tensors = {}
-    for f in files:
-        tensors.update(read_safetensors(os.path.join(path, f)))
-    return hf, tensors
-
-
-# Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers: config.json -> our Config fields, their
-# tensor names -> our modules (pure functions of dicts; read_hf_folder above reads the files).
-
-
-def gemma_config(hf):
-    """Decoder fields of Config from a Hugging Face Gemma config.json. What differs between versions:
-    Gemma-1: no sandwich norms, queries scaled by head_dim**-0.5, no sliding window, one RoPE base.
-    Gemma-2: sandwich norms, query_pre_attn_scalar, soft-capping (attention 50, final 30), local/global
-             layers alternating (window 4096).
-    Gemma-3: + QK-norm, no soft-capping, 5 local : 1 global, RoPE base 10k local and 1M global."""
-    family = hf.get("model_type")
-    if family not in ("gemma", "gemma2", "gemma3_text"):
-        raise ValueError(f"model_type {family!r} is not a Gemma text decoder (gemma, gemma2, gemma3_text); "
-                         f"for a multimodal Gemma-3 use the text-only checkpoint (e.g. gemma-3-1b)")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu", "gelu_pytorch_tanh"):   # Gemma-1's legacy "gelu" means the tanh approximation
-        raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses gelu_pytorch_tanh)")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("bidirectional Gemma encoders (EmbeddingGemma) are not causal decoders")
-    rope = hf.get("rope_parameters") or {}         # transformers >= 5; older files: rope_theta + rope_scaling
-
-    def rope_base(layer_type, default):
-        p = rope.get(layer_type, rope)             # Gemma-3 keeps one dict per layer type
-        scaling = p.get("rope_type", "default") if p else (hf.get("rope_scaling") or {}).get("rope_type", "default")
-        if scaling != "default":
-            raise ValueError(f"RoPE scaling {scaling!r} is not supported (only the default RoPE)")
-        return float(p.get("rope_theta") or default)
-
-    n, g1, g3 = hf["num_hidden_layers"], family == "gemma", family == "gemma3_text"
-    global_base = rope_base("full_attention", hf.get("rope_theta") or (1e6 if g3 else 1e4))
-    local_base = rope_base("sliding_attention", hf.get("rope_local_base_freq") or (1e4 if g3 else global_base))
-    types = hf.get("layer_types") or [
-        "full_attention" if g1 or (i + 1) % (hf.get("sliding_window_pattern", 6) if g3 else 2) == 0
-        else "sliding_attention" for i in range(n)]
-    is_global = [t == "full_attention" for t in types]
-    window = 0 if g1 or all(is_global) else hf.get("sliding_window") or 4096
-    # a periodic pattern is a global_every; anything else is spelled out layer by layer
-    every = next((k for k in range(1, n + 2) if is_global == [(i + 1) % k == 0 for i in range(n)]), 0)
-    hd = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    return dict(vocab_size=hf["vocab_size"], n_layer=n, d_model=hf["hidden_size"], n_head=hf["num_attention_heads"],
-                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hd,
-                d_ff=hf["intermediate_size"], rope_base=global_base, rope_local_base=local_base,
-                query_scale=hd if g1 else float(hf.get("query_pre_attn_scalar") or hd), qk_norm=g3,
-                sandwich_norm=not g1, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
-                final_softcap=float(hf.get("final_logit_softcapping") or 0.0), sliding_window=window,
-                global_every=every or 1, layer_pattern="" if every else "".join("GL"[not g] for g in is_global),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
-
-
-def siglip_config(hf):
-    """ViT fields of Config from a SigLIP config.json (a SiglipVisionModel, or a whole SiglipModel)."""
-    v = hf.get("vision_config", hf)
-    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("layer_norm_eps", 1e-6) != 1e-6:
-        raise ValueError("only SigLIP towers with gelu_pytorch_tanh and LayerNorm eps 1e-6 are supported")
-    return dict(image_size=v["image_size"], vit_patch=v["patch_size"], vit_width=v["hidden_size"],
-                vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"], vit_mlp=v["intermediate_size"])
-
-
-def load_exact(module, tensors, ckpt_name, what):
-    """Copy tensors into module, our name k read from tensors[ckpt_name(k)]; every tensor must be used
-    and every shape must match, or a ValueError lists what is missing, unexpected or mis-shaped."""
-    own = module.state_dict()
-    names = {ckpt_name(k): k for k in own}
-    missing = sorted(n for n in names if n not in tensors)
-    unexpected = sorted(n for n in tensors if n not in names)
-    shapes = [f"{n} {tuple(tensors[n].shape)} (model expects {tuple(own[k].shape)})"
-              for n, k in names.items() if n in tensors and tensors[n].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"{title} ({len(xs)}): {', '.join(xs[:20])}{' ...' if len(xs) > 20 else ''}"
-                 for title, xs in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
-        raise ValueError(f"the {what} checkpoint does not match the model:\n  " + "\n  ".join(lines))
-    with torch.no_grad():
-        for n, k in names.items():
-            own[k].copy_(tensors[n])               # casts bf16 checkpoints to the model's dtype
-
-
-def load_gemma(model, tensors):
-    """Hugging Face Gemma weights (model.embed_tokens, model.layers.N..., model.norm; the head is tied)
-    into model.llm (or a bare Gemma). The model must come from gemma_config of the same checkpoint.
-    Trap: Gemma-1's post_attention_layernorm is the pre-MLP norm, our pre_feedforward_layernorm."""
-    llm = getattr(model, "llm", model)
-    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
-    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")}
-    gemma1 = not llm.cfg.sandwich_norm
-    rename = lambda k: prefix + (k.replace("pre_feedforward_layernorm", "post_attention_layernorm") if gemma1 else k)
-    load_exact(llm, tensors, rename, "Gemma")
-
-
-def load_siglip(model, tensors, freeze=False):
-    """SigLIP vision tower weights into model.vision; the pooling head (head.*) and a SiglipModel's
-    text tower are not used (und slots read every patch feature). freeze: no gradient for the ViT."""
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
-    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
-    load_exact(model.vision, tensors, lambda k: prefix + k, "SigLIP")
-    model.vision.requires_grad_(not freeze)
-
-
 def task_mix(args):
-    shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASKS}
-    if args.dataset != "shapes":         # real image-text pairs have no questions or edits (data/README.md)
-        shares = {t: s for t, s in shares.items() if t in ("t2i", "caption")}
-    total = sum(shares.values())
-    if total <= 0:
-        raise SystemExit(f"train.py: error: no task has a positive share for {args.dataset}: give --t2i or --caption")
-    return {t: s / total for t, s in shares.items() if s > 0}
+    """The run's task shares (--tasks, or --t2i --caption --vqa --edit), normalised by data.task_shares;
+    real image-text pairs have no questions or edits (data/README.md)."""
+    shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASK_NAMES}
+    with dataset_errors():
+        return task_shares(shares, None, TASK_NAMES if args.dataset == "shapes" else tuple(REAL_TASKS))
 
 
 def model_args(s):
@@ -747,122 +630,6 @@ def model_args(s):
         out[k] = (v.lower() in ("1", "true", "yes")) if kind is bool else kind(v)
     return out
 
-# -----------------------------------------------------------------------------
-# 5. Checkpoints: the uncompiled model (no `_orig_mod.` prefix), written atomically
-
-
-def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
-    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps).
-    A sharded (--fsdp) model is saved as one process would hold it: every rank calls this (the shards are
-    gathered to full CPU tensors) and rank 0 writes, so any run, sharded or not, can resume or sample it."""
-    states = dict(model=model_state(model), ema=model_state(ema_model) if ema_model is not None else None,
-                  optimizer=optimizer_state(model, optimizer) if optimizer is not None else None)
-    if is_sharded(model) and dist.get_rank() != 0:
-        return
-    ckpt = dict(**states, step=step,
-                config=model.cfg.to_dict(), tokenizer=tokenizer.state_dict(), vae=vae_spec,
-                args={k: v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v)
-                      for k, v in vars(args).items()}, rng=rng_state(), **extra)
-    with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())             # on disk before the rename, so even a power cut leaves one whole file
-    os.replace(path + ".tmp", path)      # atomic: a reader or a crash mid-write never sees a torn ckpt.pt
-
-
-def read_checkpoint(path_or_dir):
-    """The dict save_checkpoint wrote; FileNotFoundError or ValueError (one sentence) otherwise.
-    weights_only: a file from elsewhere can hold tensors and plain data, never code that runs on load."""
-    from vae import torch_load
-    path = checkpoint_path(path_or_dir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
-                                f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
-    ckpt = torch_load(path)
-    missing = {"model", "config", "tokenizer", "vae", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
-    return ckpt
-
-
-def checkpoint_path(path_or_dir):
-    return os.path.join(path_or_dir, "ckpt.pt") if os.path.isdir(path_or_dir) or not path_or_dir.endswith(".pt") \
-        else path_or_dir
-
-
-def load_checkpoint(path_or_dir, device="cpu", ema=True):
-    """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
-    from vae import load_vae
-    ckpt = read_checkpoint(path_or_dir)
-    try:
-        model = UniFluid.from_checkpoint(ckpt, ema)
-    except ValueError as e:
-        raise ValueError(f"{checkpoint_path(path_or_dir)}: {e}") from None
-    return model.to(device).eval(), load_vae(ckpt["vae"], device), model.tokenizer, ckpt
-
-
-def rng_state():
-    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
-                                                 for x in np.random.get_state()],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
-    st = s["numpy"]
-    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def model_state(model):
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model, optimizer):
-    """optimizer.state_dict()'s layout (parameters numbered in param_groups order) also when sharded."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:                         # full_state_dict + cpu_offload: only rank 0 receives it
-        return full
-    index = {name: i for i, name in enumerate(param_names(model, optimizer))}   # full is keyed by parameter name
-    return dict(state={index[n]: s for n, s in full["state"].items()},
-                param_groups=[{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]])
-
-
-def load_optimizer_state(model, optimizer, state):
-    if not is_sharded(model):
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    names = param_names(model, optimizer)
-    full = dict(state={names[i]: s for i, s in state["state"].items()},
-                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]])
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
-
-
-def param_names(model, optimizer):
-    name = {id(p): n for n, p in model.named_parameters()}
-    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-# -----------------------------------------------------------------------------
-# 6. Data. A step's global batch is grad_accum micro-batches, each read from its own data shard
-# (the dataset's rank/world_size sharding with world_size = grad_accum); process r owns shards
-# r*k .. r*k+k-1. Each micro-batch's random numbers are seeded from (seed, step, shard). So what a step
-# sees and computes depends neither on the number of processes nor on where a run was resumed.
-
-
 @contextmanager
 def dataset_errors():
     """A dataset that cannot be read is for the user to fix: one sentence, no traceback."""
@@ -871,120 +638,6 @@ def dataset_errors():
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
 
-
-def step_seed(seed, step, shard):
-    return (seed * 1_000_003 + step) * 1_009 + shard
-
-
-class ShardStream:
-    """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
-    A real dataset without a validation split validates on the part of it held out of training
-    (--holdout); with --holdout 0, on its training split with another seed. `note` says which."""
-
-    def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
-        from data import build_dataset, validation_note
-        from data.imagetext import EmptySplit
-        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards,
-                  holdout=args.holdout)
-        try:
-            self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
-            self.note = validation_note(self.ds)
-            if split != "train":
-                next(iter(self.ds))      # the held-out part of a small dataset can be empty
-        except (FileNotFoundError, EmptySplit) as e:
-            if split == "train":
-                raise
-            self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
-            why = "no validation split and --holdout 0" if isinstance(e, FileNotFoundError) else \
-                f"the held-out part of this small dataset is empty: raise --holdout ({args.holdout:g})"
-            self.note = f"validation: the training data under another seed ({why}), so it cannot show overfitting"
-        self.it, self.shard = iter(self.ds), shard
-        if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
-            # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
-            self.it = (self.ds.example(i) for i in itertools.count(shard + start * n_shards, n_shards))
-        else:
-            for _ in range(start):       # exact resume: skip what the run already saw
-                self.next()
-
-    def next(self):
-        try:
-            return next(self.it)
-        except StopIteration:            # finite dataset: next epoch
-            self.it = iter(self.ds)
-        try:
-            return next(self.it)
-        except StopIteration:            # an empty epoch would repeat forever
-            raise ValueError(f"the {self.ds.__class__.__name__} part for micro-batch shard {self.shard} holds no "
-                             f"examples (fewer data shards than --grad_accum?)") from None
-
-    def take(self, n):
-        return [self.next() for _ in range(n)]
-
-    def skipped(self):
-        """Samples and shards the real-data reader skipped so far (the reasons are in self.ds.stats)."""
-        return sum(c for r, c in getattr(self.ds, "stats", {}).items() if r != "samples")
-
-
-class TaskStreams:
-    """The examples of one micro-batch shard with a fixed number of rows per task, grouped by task: one
-    ShardStream per task (each with its own seed), so every step's batch has the same shape and the
-    compiled step is built once (torch.compile), and the task mix holds in every micro-batch."""
-
-    def __init__(self, args, shard, n_shards, start_step, rows):
-        self.rows = rows
-        self.streams = {t: ShardStream(args, "train", shard, n_shards, start_step * n, {t: 1.0}, args.seed + 101 * k)
-                        for k, (t, n) in enumerate(rows.items())}
-
-    def take(self, n):
-        assert n == sum(self.rows.values())
-        return [e for t, s in self.streams.items() for e in s.take(self.rows[t])]
-
-    def skipped(self):
-        return sum(s.skipped() for s in self.streams.values())
-
-
-def rows_per_task(mix, n):
-    """Rows of each task in a micro-batch of n: the shares rounded to sum to n (largest remainder), at
-    least one row per task with a share."""
-    if n < len(mix):
-        raise SystemExit(f"train.py: error: --batch_size {n} cannot hold a row of each of the {len(mix)} tasks "
-                         f"({', '.join(mix)}): raise --batch_size or drop a task")
-    exact = {t: s * n for t, s in mix.items()}
-    rows = {t: max(1, int(x)) for t, x in exact.items()}
-    for t in sorted(exact, key=lambda t: int(exact[t]) - exact[t]):      # largest remainder first
-        if sum(rows.values()) < n:
-            rows[t] += 1
-    while sum(rows.values()) > n:                                        # the max(1, .) took too many
-        rows[max(rows, key=rows.get)] -= 1
-    return rows
-
-
-def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1, sample=False):
-    """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
-    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`).
-    sample=True (training) takes a draw from the VAE posterior, as MAR does, instead of its mean."""
-    cfg = model.cfg
-    tasks = [e["task"] for e in examples]
-    prompts = model.drop_prompts(tasks, [e["prompt"] for e in examples], cfg_dropout, generator)
-    gen_rows = [i for i, t in enumerate(tasks) if t in ("t2i", "edit")]
-    gen_tokens = None
-    if gen_rows:
-        if "output_latent" in examples[0]:
-            lat = torch.stack([examples[i]["output_latent"] for i in gen_rows])
-            if sample and "output_latent_std" in examples[0]:   # latents stored with their posterior's std
-                std = torch.stack([examples[i]["output_latent_std"] for i in gen_rows])
-                lat = lat + std * torch.randn(lat.shape, generator=generator)
-            lat = lat.to(device)
-        else:
-            with torch.no_grad():
-                lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device),
-                                 sample=sample, generator=generator)
-        tok = patchify(lat.float(), cfg.patch_size)                            # (G, N, Dt)
-        gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
-        gen_tokens[gen_rows] = tok
-    und = torch.stack([e["input_image"] for e in examples])
-    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------
 # 7. Optimisation and hardware
@@ -1169,59 +822,15 @@ def evaluate(model, vae, args, device, log=print):
     out = dict.fromkeys(keys)
     model.eval()
     if args.dataset == "shapes":
-        out.update(evaluate_shapes(model, vae, args, args.eval_n, log))
+        out.update(shapes.evaluate_shapes(model, vae, args.eval_n, args.seed, log, num_iter=args.num_iter,
+                                          cfg=args.cfg, temperature=args.temperature,
+                                          diffusion_steps=args.diffusion_steps, sampler=args.sampler))
     from data.metrics import evaluate_heldout
     out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
                                 0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
                                 num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
                                 diffusion_steps=args.diffusion_steps))
     out.update(val_losses(model, val_batches(args, model, vae, device)))
-    return out
-
-
-@torch.no_grad()
-def evaluate_shapes(model, vae, args, n_per_task, log=print):
-    """The oracle on the held-out split: GenEval-style generation accuracy per task, caption, VQA, edit."""
-    from data import shapes
-    from vae import from_pil
-    res, dev = model.cfg.image_size, model.llm.embed_tokens.weight.device
-    g = torch.Generator(dev).manual_seed(args.seed)
-    gen = lambda texts, und=None: torch.cat([
-        vae.decode(model.generate_images(texts[i:i + 64], args.num_iter, args.cfg, args.temperature,
-                                         args.diffusion_steps, None if und is None else und[i:i + 64], g,
-                                         sampler=args.sampler)).float().cpu()
-        for i in range(0, len(texts), 64)])
-    out = {}
-    prompts = shapes.eval_prompts(n_per_task, seed=args.seed, split="test", resolution=res)
-    images = gen([p["prompt"] for p in prompts])
-    hits = [shapes.score_image(im, p["spec"]) for im, p in zip(images, prompts)]      # each image scored once
-
-    def mean(keep, scores, items):       # mean score over the items that `keep` selects
-        xs = [x for x, item in zip(scores, items) if keep(item)]
-        return sum(xs) / max(1, len(xs))
-    for task in shapes.TASKS:
-        out[f"gen/{task}"] = mean(lambda p: p["task"] == task, hits, prompts)
-    out["gen_accuracy"] = sum(out[f"gen/{t}"] for t in shapes.TASKS) / len(shapes.TASKS)
-    for name, held in (("gen_heldout_pairs", True), ("gen_seen_pairs", False)):   # colors / color_attr prompts:
-        out[name] = mean(lambda p: p["task"] in ("colors", "color_attr") and p["heldout"] == held,  # compositions
-                         hits, prompts)                              # never seen in training vs seen ones
-    log(f"eval: generation {out['gen_accuracy']:.3f} on {len(prompts)} held-out prompts")
-    scenes = shapes.eval_scenes(2 * n_per_task, seed=args.seed, split="test", resolution=res)
-    und = from_pil([s["image"] for s in scenes], res)
-    text = lambda prompts: [t for i in range(0, len(prompts), 128) for t in model.generate_text(
-        und[i:i + 128], prompts[i:i + 128], max_new_tokens=model.cfg.max_text_len)]
-    caps = text([""] * len(scenes))       # captioning reads no prompt (data/__init__.py)
-    cap_scores = [shapes.score_caption(c, s["scene"]) for c, s in zip(caps, scenes)]
-    out["caption_accuracy"] = mean(lambda s: True, cap_scores, scenes)
-    out["caption_heldout_pairs"] = mean(lambda s: s["heldout"], cap_scores, scenes)
-    answers = text([s["question"] for s in scenes])
-    vqa_hits = [shapes.score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)]
-    out["vqa_accuracy"] = sum(vqa_hits) / len(scenes)
-    kinds = [shapes.vqa_kind(s["question"]) for s in scenes]
-    for kind in sorted(set(kinds)):                                      # the kinds these scenes ask
-        out[f"vqa/{kind}"] = mean(lambda k: k == kind, vqa_hits, kinds)
-    edited = gen([s["instruction"] for s in scenes], und)
-    out["edit_accuracy"] = sum(shapes.score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
     return out
 
 
@@ -1270,13 +879,13 @@ def non_negative(kind):
     return parse
 
 
-def task_shares(s):
+def parse_tasks(s):
     """'t2i=0.5,caption=0.25,vqa=0.25' -> dict."""
     out = {}
     for item in s.split(","):
         name, _, share = item.partition("=")
-        if name.strip() not in TASKS or not share:
-            raise argparse.ArgumentTypeError(f"expected TASK=SHARE,... with TASK in {', '.join(TASKS)}, got {s!r}")
+        if name.strip() not in TASK_NAMES or not share:
+            raise argparse.ArgumentTypeError(f"expected TASK=SHARE,... with TASK in {', '.join(TASK_NAMES)}, got {s!r}")
         out[name.strip()] = non_negative(float)(share)
     return out
 

@@ -1098,3 +1098,101 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
             f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
         total += share * f
     return total
+
+# -----------------------------------------------------------------------------
+# Appendix: Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers. config.json -> our Config
+# fields, their tensor names -> our modules (pure functions of dicts: checkpoint.read_hf_folder reads the
+# files). As nanoGPT's GPT.from_pretrained, the map lives beside the names it maps.
+
+
+def gemma_config(hf):
+    """Decoder fields of Config from a Hugging Face Gemma config.json. What differs between versions:
+    Gemma-1: no sandwich norms, queries scaled by head_dim**-0.5, no sliding window, one RoPE base.
+    Gemma-2: sandwich norms, query_pre_attn_scalar, soft-capping (attention 50, final 30), local/global
+             layers alternating (window 4096).
+    Gemma-3: + QK-norm, no soft-capping, 5 local : 1 global, RoPE base 10k local and 1M global."""
+    family = hf.get("model_type")
+    if family not in ("gemma", "gemma2", "gemma3_text"):
+        raise ValueError(f"model_type {family!r} is not a Gemma text decoder (gemma, gemma2, gemma3_text); "
+                         f"for a multimodal Gemma-3 use the text-only checkpoint (e.g. gemma-3-1b)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu", "gelu_pytorch_tanh"):   # Gemma-1's legacy "gelu" means the tanh approximation
+        raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional Gemma encoders (EmbeddingGemma) are not causal decoders")
+    rope = hf.get("rope_parameters") or {}         # transformers >= 5; older files: rope_theta + rope_scaling
+
+    def rope_base(layer_type, default):
+        p = rope.get(layer_type, rope)             # Gemma-3 keeps one dict per layer type
+        scaling = p.get("rope_type", "default") if p else (hf.get("rope_scaling") or {}).get("rope_type", "default")
+        if scaling != "default":
+            raise ValueError(f"RoPE scaling {scaling!r} is not supported (only the default RoPE)")
+        return float(p.get("rope_theta") or default)
+
+    n, g1, g3 = hf["num_hidden_layers"], family == "gemma", family == "gemma3_text"
+    global_base = rope_base("full_attention", hf.get("rope_theta") or (1e6 if g3 else 1e4))
+    local_base = rope_base("sliding_attention", hf.get("rope_local_base_freq") or (1e4 if g3 else global_base))
+    types = hf.get("layer_types") or [
+        "full_attention" if g1 or (i + 1) % (hf.get("sliding_window_pattern", 6) if g3 else 2) == 0
+        else "sliding_attention" for i in range(n)]
+    is_global = [t == "full_attention" for t in types]
+    window = 0 if g1 or all(is_global) else hf.get("sliding_window") or 4096
+    # a periodic pattern is a global_every; anything else is spelled out layer by layer
+    every = next((k for k in range(1, n + 2) if is_global == [(i + 1) % k == 0 for i in range(n)]), 0)
+    hd = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return dict(vocab_size=hf["vocab_size"], n_layer=n, d_model=hf["hidden_size"], n_head=hf["num_attention_heads"],
+                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hd,
+                d_ff=hf["intermediate_size"], rope_base=global_base, rope_local_base=local_base,
+                query_scale=hd if g1 else float(hf.get("query_pre_attn_scalar") or hd), qk_norm=g3,
+                sandwich_norm=not g1, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                final_softcap=float(hf.get("final_logit_softcapping") or 0.0), sliding_window=window,
+                global_every=every or 1, layer_pattern="" if every else "".join("GL"[not g] for g in is_global),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+
+
+def siglip_config(hf):
+    """ViT fields of Config from a SigLIP config.json (a SiglipVisionModel, or a whole SiglipModel)."""
+    v = hf.get("vision_config", hf)
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("layer_norm_eps", 1e-6) != 1e-6:
+        raise ValueError("only SigLIP towers with gelu_pytorch_tanh and LayerNorm eps 1e-6 are supported")
+    return dict(image_size=v["image_size"], vit_patch=v["patch_size"], vit_width=v["hidden_size"],
+                vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"], vit_mlp=v["intermediate_size"])
+
+
+def load_exact(module, tensors, ckpt_name, what):
+    """Copy tensors into module, our name k read from tensors[ckpt_name(k)]; every tensor must be used
+    and every shape must match, or a ValueError lists what is missing, unexpected or mis-shaped."""
+    own = module.state_dict()
+    names = {ckpt_name(k): k for k in own}
+    missing = sorted(n for n in names if n not in tensors)
+    unexpected = sorted(n for n in tensors if n not in names)
+    shapes = [f"{n} {tuple(tensors[n].shape)} (model expects {tuple(own[k].shape)})"
+              for n, k in names.items() if n in tensors and tensors[n].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{title} ({len(xs)}): {', '.join(xs[:20])}{' ...' if len(xs) > 20 else ''}"
+                 for title, xs in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
+        raise ValueError(f"the {what} checkpoint does not match the model:\n  " + "\n  ".join(lines))
+    with torch.no_grad():
+        for n, k in names.items():
+            own[k].copy_(tensors[n])               # casts bf16 checkpoints to the model's dtype
+
+
+def load_gemma(model, tensors):
+    """Hugging Face Gemma weights (model.embed_tokens, model.layers.N..., model.norm; the head is tied)
+    into model.llm (or a bare Gemma). The model must come from gemma_config of the same checkpoint.
+    Trap: Gemma-1's post_attention_layernorm is the pre-MLP norm, our pre_feedforward_layernorm."""
+    llm = getattr(model, "llm", model)
+    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")}
+    gemma1 = not llm.cfg.sandwich_norm
+    rename = lambda k: prefix + (k.replace("pre_feedforward_layernorm", "post_attention_layernorm") if gemma1 else k)
+    load_exact(llm, tensors, rename, "Gemma")
+
+
+def load_siglip(model, tensors, freeze=False):
+    """SigLIP vision tower weights into model.vision; the pooling head (head.*) and a SiglipModel's
+    text tower are not used (und slots read every patch feature). freeze: no gradient for the ViT."""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    load_exact(model.vision, tensors, lambda k: prefix + k, "SigLIP")
+    model.vision.requires_grad_(not freeze)

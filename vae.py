@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import read_safetensors, torch_load
+
 
 @dataclass
 class VAEConfig:
@@ -264,18 +266,6 @@ def save_vae(vae, path):
     os.replace(path + ".tmp", path)
 
 
-def torch_load(path):
-    """torch.load of an untrusted file: tensors and plain containers only (weights_only: a pickle that
-    would run code is refused), and any unreadable file becomes one ValueError naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # UnpicklingError, a torn zip (RuntimeError), EOFError, ...
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} cannot be read as PyTorch weights ({type(e).__name__}: {why})") from None
-
-
 def load_vae(spec, device="cpu", **overrides):
     """spec: 'PATH.pt' (ours), 'sd:DIR' (diffusers folder) or 'mar:PATH' (LDM/MAR ckpt).
     overrides: VAEConfig fields that weights cannot tell (e.g. norm_groups, scale_factor)."""
@@ -302,36 +292,6 @@ def load_vae(spec, device="cpu", **overrides):
     _check_state(vae, state, spec)
     vae.load_state_dict(state)
     return vae.to(device).eval()
-
-
-def read_safetensors(path):
-    """{name: tensor} of a .safetensors file, or ValueError naming the file. The header's declared length
-    and tensor offsets are checked against the file size first, so a hostile or truncated file can
-    neither make the reader allocate what the file does not hold nor crash it."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from e
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        header = f.read(n) if 0 < n <= min(size - 8, 100 << 20) else None   # 100 MB: the library's own cap
-    try:
-        meta = json.loads(header) if header is not None else None
-    except (UnicodeDecodeError, ValueError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in meta.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        end = None
-    if end is None or end > size - 8 - n:
-        raise ValueError(f"{path} is truncated or malformed: its header lists tensors the file does not hold")
-    try:
-        return load_file(path)
-    except Exception as e:  # SafetensorError and friends
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def _read_diffusers(path):

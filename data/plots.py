@@ -165,11 +165,11 @@ def edits(run="out/edit", n=16):
     """Held-out edits drawn by a checkpoint: input | edit (scored by the oracle) | target, one row each."""
     import torch
     sys.path.insert(0, ROOT)
-    import train
+    from checkpoint import load_checkpoint
     from data import shapes
     from vae import from_pil, save_grid
     try:
-        model, vae, _, _ = train.load_checkpoint(run)
+        model, vae, _, _ = load_checkpoint(run)
     except FileNotFoundError:
         raise SystemExit(f"no {run}/ckpt.pt: fine-tune a checkpoint on edits first (README, Editing)")
     size = model.cfg.image_size

@@ -7,8 +7,9 @@ A scene is 1-4 flat-coloured shapes on a plain grey background. From one scene c
   - a VQA pair                  vqa(scene, rng)     ("what color is the circle", "red")
   - an editing pair             edit(scene, rng)    ("make the circle green", new_scene)
 and the oracle reads any image back into objects (read_objects) to score generations, captions,
-answers and edits. All texts are lowercase words without punctuation, so a word-level tokenizer
-covers them exactly (WORDS lists every word the dataset can emit).
+answers and edits; evaluate_shapes runs a model through it (train.py's eval.json). All texts are
+lowercase words without punctuation, so a word-level tokenizer covers them exactly (WORDS lists
+every word the dataset can emit).
 
 Why the oracle is exact: objects never touch (a gap of >= 2.5 px at 32 px), the background is
 achromatic, and every palette colour has the same chroma. Blending a colour with grey (anti-aliasing,
@@ -26,6 +27,7 @@ import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -709,4 +711,50 @@ def eval_scenes(n=200, seed=0, split="test", resolution=32, max_objects=None):
         out.append({"scene": scene, "image": render(scene, resolution), "caption": caption(scene),
                     "question": q, "answer": a, "instruction": instr, "target": target,
                     "target_image": render(target, resolution), "heldout": scene_has_heldout(scene)})
+    return out
+
+# ----------------------------------------------------------------------------- the oracle's driver
+
+@torch.no_grad()
+def evaluate_shapes(model, vae, n_per_task=50, seed=0, log=print, **sampling):
+    """The oracle on the held-out split: GenEval-style generation accuracy per task, caption, VQA, edit.
+    sampling: generate_images' keyword arguments (num_iter, cfg, temperature, diffusion_steps)."""
+    from vae import from_pil
+    res, dev = model.cfg.image_size, model.llm.embed_tokens.weight.device
+    g = torch.Generator(dev).manual_seed(seed)
+    gen = lambda texts, und=None: torch.cat([
+        vae.decode(model.generate_images(texts[i:i + 64], und_images=None if und is None else und[i:i + 64],
+                                         generator=g, **sampling)).float().cpu()
+        for i in range(0, len(texts), 64)])
+    out = {}
+    prompts = eval_prompts(n_per_task, seed=seed, split="test", resolution=res)
+    images = gen([p["prompt"] for p in prompts])
+    hits = [score_image(im, p["spec"]) for im, p in zip(images, prompts)]      # each image scored once
+
+    def mean(keep, scores, items):       # mean score over the items that `keep` selects
+        xs = [x for x, item in zip(scores, items) if keep(item)]
+        return sum(xs) / max(1, len(xs))
+    for task in TASKS:
+        out[f"gen/{task}"] = mean(lambda p: p["task"] == task, hits, prompts)
+    out["gen_accuracy"] = sum(out[f"gen/{t}"] for t in TASKS) / len(TASKS)
+    for name, held in (("gen_heldout_pairs", True), ("gen_seen_pairs", False)):   # colors / color_attr prompts:
+        out[name] = mean(lambda p: p["task"] in ("colors", "color_attr") and p["heldout"] == held,  # compositions
+                         hits, prompts)                              # never seen in training vs seen ones
+    log(f"eval: generation {out['gen_accuracy']:.3f} on {len(prompts)} held-out prompts")
+    scenes = eval_scenes(2 * n_per_task, seed=seed, split="test", resolution=res)
+    und = from_pil([s["image"] for s in scenes], res)
+    text = lambda prompts: [t for i in range(0, len(prompts), 128) for t in model.generate_text(
+        und[i:i + 128], prompts[i:i + 128], max_new_tokens=model.cfg.max_text_len)]
+    caps = text([""] * len(scenes))       # captioning reads no prompt (data/__init__.py)
+    cap_scores = [score_caption(c, s["scene"]) for c, s in zip(caps, scenes)]
+    out["caption_accuracy"] = mean(lambda s: True, cap_scores, scenes)
+    out["caption_heldout_pairs"] = mean(lambda s: s["heldout"], cap_scores, scenes)
+    answers = text([s["question"] for s in scenes])
+    vqa_hits = [score_vqa(a, s["answer"]) for a, s in zip(answers, scenes)]
+    out["vqa_accuracy"] = sum(vqa_hits) / len(scenes)
+    kinds = [vqa_kind(s["question"]) for s in scenes]
+    for kind in sorted(set(kinds)):                                      # the kinds these scenes ask
+        out[f"vqa/{kind}"] = mean(lambda k: k == kind, vqa_hits, kinds)
+    edited = gen([s["instruction"] for s in scenes], und)
+    out["edit_accuracy"] = sum(score_edit(im, s["target"]) for im, s in zip(edited, scenes)) / len(scenes)
     return out

@@ -465,7 +465,9 @@ class Oracle:
             self.texts[s["question"], image] = answer("vqa", s, s["answer"], other["answer"])
         self.key = lambda x: x.numpy().tobytes()
 
-    def generate_images(self, texts, num_iter, cfg, temperature, steps, und=None, generator=None):
+    def generate_images(self, texts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50, und_images=None,
+                        generator=None):
+        und = und_images
         return torch.stack([self.images[t] if und is None else self.images[t, self.key(u)]
                             for t, u in zip(texts, und if und is not None else texts)])
 
@@ -477,11 +479,9 @@ class Oracle:
 
 
 def evaluate_with(answer, n_per_task=12):
-    import argparse
-    from train import evaluate_shapes
     oracle = Oracle(n_per_task, answer)
-    args = argparse.Namespace(seed=0, num_iter=1, cfg=1.0, temperature=1.0, diffusion_steps=1)
-    return evaluate_shapes(oracle, oracle, args, n_per_task, log=lambda *a: None)
+    return S.evaluate_shapes(oracle, oracle, n_per_task, seed=0, log=lambda *a: None, num_iter=1, cfg=1.0,
+                             temperature=1.0, diffusion_steps=1)
 
 
 def test_evaluate_shapes_scores_true_outputs_1_and_shuffled_ones_low():

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 import train
 from data import build_dataset, text_corpus
 from data.imagetext import is_heldout
+from data.streams import ShardStream, TaskStreams
 
 N, HOLDOUT = 30, 0.3
 
@@ -124,13 +125,13 @@ def test_train_streams_and_validation_follow_the_holdout_flag(tmp_path, monkeypa
     monkeypatch.setattr(train.WordTokenizer, "build", classmethod(lambda cls, t: texts.extend(t) or cls([])))
     train.build_tokenizer(args, None)
     assert set(texts) == set(keys) - held
-    streams = train.TaskStreams(args, 0, 1, start_step=3, rows={"t2i": 3, "caption": 1})
+    streams = TaskStreams(args, 0, 1, start_step=3, rows={"t2i": 3, "caption": 1})
     seen = {e["prompt"] or e["answer"] for _ in range(20) for e in streams.take(4)}
     assert seen == set(keys) - held
-    val = train.ShardStream(args, "val", 0, 1, tasks={"t2i": 1.0})
+    val = ShardStream(args, "val", 0, 1, tasks={"t2i": 1.0})
     assert {e["prompt"] for e in val.take(2 * N)} == held and "held out of training" in val.note
     args.holdout = 0       # nothing held out: validation reads the training data, and says so
-    assert "cannot show overfitting" in train.ShardStream(args, "val", 0, 1).note
+    assert "cannot show overfitting" in ShardStream(args, "val", 0, 1).note
 
 
 def test_the_vae_trained_first_never_sees_held_out_images(tmp_path, monkeypatch):
@@ -161,6 +162,6 @@ def test_a_dataset_too_small_to_hold_anything_out_validates_on_training_data_and
     name, data_dir, keys = _write(tmp_path, layout)
     assert not any(is_heldout(k, 0.001) for k in keys.values())
     args = train.get_args(["--dataset", name, "--data_dir", data_dir, "--resolution", "16", "--holdout", "0.001"])
-    val = train.ShardStream(args, "val", 0, 1, tasks={"t2i": 1.0})
+    val = ShardStream(args, "val", 0, 1, tasks={"t2i": 1.0})
     assert "held-out part of this small dataset is empty" in val.note
     assert {e["prompt"] for e in val.take(N)} == set(keys)

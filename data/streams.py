@@ -1,0 +1,133 @@
+"""
+From datasets to the model's batches, as train.py reads them.
+
+A step's global batch is grad_accum micro-batches, each read from its own data shard (the dataset's
+rank / world_size sharding with world_size = grad_accum); process r of P owns shards r*k .. r*k+k-1,
+k = grad_accum / P. Each micro-batch's random numbers are seeded from step_seed(seed, step, shard).
+So what a step sees and computes depends neither on the number of processes nor on where a run was
+resumed. Each micro-batch holds a fixed number of rows per task (rows_per_task), so every step's
+batch has the same shape (one compiled graph) and the task mix holds in every micro-batch.
+
+`args` below is anything with train.py's data flags: dataset, data_dir, resolution, seed, holdout.
+"""
+import itertools
+
+import torch
+
+from unifluid import patchify
+
+from . import build_dataset, validation_note
+from .imagetext import EmptySplit
+
+
+def step_seed(seed, step, shard):
+    return (seed * 1_000_003 + step) * 1_009 + shard
+
+
+class ShardStream:
+    """Endless examples of one shard, starting at example `start` (re-iterated by epochs if finite).
+    A real dataset without a validation split validates on the part of it held out of training
+    (--holdout); with --holdout 0, on its training split with another seed. `note` says which."""
+
+    def __init__(self, args, split, shard, n_shards, start=0, tasks=None, seed=None):
+        kw = dict(data_dir=args.data_dir, resolution=args.resolution, tasks=tasks, rank=shard, world_size=n_shards,
+                  holdout=args.holdout)
+        try:
+            self.ds = build_dataset(args.dataset, split=split, seed=args.seed if seed is None else seed, **kw)
+            self.note = validation_note(self.ds)
+            if split != "train":
+                next(iter(self.ds))      # the held-out part of a small dataset can be empty
+        except (FileNotFoundError, EmptySplit) as e:
+            if split == "train":
+                raise
+            self.ds = build_dataset(args.dataset, split="train", seed=args.seed + 1, **kw)
+            why = "no validation split and --holdout 0" if isinstance(e, FileNotFoundError) else \
+                f"the held-out part of this small dataset is empty: raise --holdout ({args.holdout:g})"
+            self.note = f"validation: the training data under another seed ({why}), so it cannot show overfitting"
+        self.it, self.shard = iter(self.ds), shard
+        if start and hasattr(self.ds, "example") and getattr(self.ds, "num_samples", 0) is None:
+            # shapes: example i is a pure function of i and shard s holds i = s, s + n, ...: jump there
+            self.it = (self.ds.example(i) for i in itertools.count(shard + start * n_shards, n_shards))
+        else:
+            for _ in range(start):       # exact resume: skip what the run already saw
+                self.next()
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:            # finite dataset: next epoch
+            self.it = iter(self.ds)
+        try:
+            return next(self.it)
+        except StopIteration:            # an empty epoch would repeat forever
+            raise ValueError(f"the {self.ds.__class__.__name__} part for micro-batch shard {self.shard} holds no "
+                             f"examples (fewer data shards than --grad_accum?)") from None
+
+    def take(self, n):
+        return [self.next() for _ in range(n)]
+
+    def skipped(self):
+        """Samples and shards the real-data reader skipped so far (the reasons are in self.ds.stats)."""
+        return sum(c for r, c in getattr(self.ds, "stats", {}).items() if r != "samples")
+
+
+class TaskStreams:
+    """The examples of one micro-batch shard with a fixed number of rows per task, grouped by task: one
+    ShardStream per task (each with its own seed), so every step's batch has the same shape and the
+    compiled step is built once (torch.compile), and the task mix holds in every micro-batch."""
+
+    def __init__(self, args, shard, n_shards, start_step, rows):
+        self.rows = rows
+        self.streams = {t: ShardStream(args, "train", shard, n_shards, start_step * n, {t: 1.0}, args.seed + 101 * k)
+                        for k, (t, n) in enumerate(rows.items())}
+
+    def take(self, n):
+        assert n == sum(self.rows.values())
+        return [e for t, s in self.streams.items() for e in s.take(self.rows[t])]
+
+    def skipped(self):
+        return sum(s.skipped() for s in self.streams.values())
+
+
+def rows_per_task(mix, n):
+    """Rows of each task in a micro-batch of n: the shares rounded to sum to n (largest remainder), at
+    least one row per task with a share."""
+    if n < len(mix):
+        raise ValueError(f"--batch_size {n} cannot hold a row of each of the {len(mix)} tasks "
+                         f"({', '.join(mix)}): raise --batch_size or drop a task")
+    exact = {t: s * n for t, s in mix.items()}
+    rows = {t: max(1, int(x)) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: int(exact[t]) - exact[t]):      # largest remainder first
+        if sum(rows.values()) < n:
+            rows[t] += 1
+    while sum(rows.values()) > n:                                        # the max(1, .) took too many
+        rows[max(rows, key=rows.get)] -= 1
+    return rows
+
+
+def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1, sample=False):
+    """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
+    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`).
+    sample=True (training) takes a draw from the VAE posterior, as MAR does, instead of its mean."""
+    cfg = model.cfg
+    tasks = [e["task"] for e in examples]
+    prompts = model.drop_prompts(tasks, [e["prompt"] for e in examples], cfg_dropout, generator)
+    gen_rows = [i for i, t in enumerate(tasks) if t in ("t2i", "edit")]
+    gen_tokens = None
+    if gen_rows:
+        if "output_latent" in examples[0]:
+            lat = torch.stack([examples[i]["output_latent"] for i in gen_rows])
+            if sample and "output_latent_std" in examples[0]:   # latents stored with their posterior's std
+                std = torch.stack([examples[i]["output_latent_std"] for i in gen_rows])
+                lat = lat + std * torch.randn(lat.shape, generator=generator)
+            lat = lat.to(device)
+        else:
+            with torch.no_grad():
+                lat = vae.encode(torch.stack([examples[i]["output_image"] for i in gen_rows]).to(device),
+                                 sample=sample, generator=generator)
+        tok = patchify(lat.float(), cfg.patch_size)                            # (G, N, Dt)
+        gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
+        gen_tokens[gen_rows] = tok
+    und = torch.stack([e["input_image"] for e in examples])
+    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
