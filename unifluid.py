@@ -11,10 +11,11 @@ One Gemma-like decoder reads three layouts:
 Text positions end in the tied softmax head (cross entropy). Image positions end in a small per-token
 diffusion head (MAR) that models the continuous token. One loss: w * L_image + (1 - w) * L_text.
 
-Read top to bottom: config -> tokenizers -> decoder -> attention masks -> vision encoder -> image
-tokens -> random-order masking -> diffusion head -> UniFluid (batch layout, loss, generation) -> FLOPs.
-Nothing here knows about files, datasets or the command line (loading Hugging Face Gemma / SigLIP
-weights into these modules lives in train.py, beside the reading of their folders).
+Read top to bottom, the method: 1. config and presets -> 2. decoder -> 3. attention masks ->
+4. understanding ViT -> 5. image tokens -> 6. random-order masking -> 7. diffusion head (loss and
+sampler) -> 8. UniFluid (batch layout, joint loss) -> 9. generation. Then the appendix, what belongs to
+the model but is not the method: A. tokenizers, B. Hugging Face Gemma / SigLIP config and weight-name
+maps, C. FLOPs. Nothing here reads files, datasets or the command line (checkpoint.py reads weights).
 """
 import math
 import re
@@ -144,134 +145,13 @@ PRESETS = {
                       head_width=1024, head_depth=6, max_text_len=128, img_input_ln=True),
 }
 
-# -----------------------------------------------------------------------------
-# 2. Tokenizers: built in, no files. Specials first, then the 256 bytes, then (word tokenizer) words.
-
+# the special tokens every tokenizer (appendix A) numbers first: the layouts at the top of this file use them
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<sep>", "<unused0>", "<unused1>"]
 PAD, BOS, EOS, BOI, EOI, SEP = range(6)
 N_SPECIAL = len(SPECIALS)
 
-
-class ByteTokenizer:
-    """UTF-8 bytes: works for any text, ~4x longer sequences than words."""
-    pad_id, bos_id, eos_id, boi_id, eoi_id, sep_id = PAD, BOS, EOS, BOI, EOI, SEP
-
-    @property
-    def vocab_size(self):
-        return N_SPECIAL + 256
-
-    def encode(self, text):
-        return [N_SPECIAL + b for b in text.encode("utf-8")]
-
-    def _piece_bytes(self, i):     # bytes of one non-special id
-        return bytes([i - N_SPECIAL])
-
-    def decode(self, ids):
-        out = b"".join(self._piece_bytes(i) for i in ids if i >= N_SPECIAL)
-        return out.decode("utf-8", errors="replace")
-
-    def state_dict(self):
-        return {"kind": "byte"}
-
-
-class WordTokenizer(ByteTokenizer):
-    """Frequent words (with their leading space, like GPT-2's 'Ġred') from the training captions;
-    any other piece falls back to bytes, so every string round-trips exactly."""
-    split = re.compile(r" ?[^\s]+|\s")
-
-    def __init__(self, words):
-        self.words = list(words)
-        self.index = {w: N_SPECIAL + 256 + i for i, w in enumerate(self.words)}
-
-    @classmethod
-    def build(cls, texts, max_words=4000, min_count=2):
-        counts = Counter(p for t in texts for p in cls.split.findall(t))
-        return cls([w for w, c in counts.most_common(max_words) if c >= min_count and len(w) > 1])
-
-    @property
-    def vocab_size(self):
-        return N_SPECIAL + 256 + len(self.words)
-
-    def encode(self, text):
-        ids = []
-        for piece in self.split.findall(text):
-            if piece in self.index:
-                ids.append(self.index[piece])
-            else:
-                ids.extend(N_SPECIAL + b for b in piece.encode("utf-8"))
-        return ids
-
-    def _piece_bytes(self, i):
-        return bytes([i - N_SPECIAL]) if i < N_SPECIAL + 256 else self.words[i - N_SPECIAL - 256].encode()
-
-    def decode(self, ids):
-        """Exact inverse of encode. A model can also emit a word without its leading space ('large')
-        right after another word, which no encoded text does: those get their space back, so answers
-        read 'large large no' and not 'largelargeno'."""
-        out = b""
-        for i in ids:
-            if i < N_SPECIAL:
-                continue
-            piece = self._piece_bytes(i)
-            if i >= N_SPECIAL + 256 and out and not out[-1:].isspace() and not piece[:1].isspace():
-                piece = b" " + piece
-            out += piece
-        return out.decode("utf-8", errors="replace")
-
-    def state_dict(self):
-        return {"kind": "word", "words": self.words}
-
-
-class GemmaTokenizer:
-    """A pretrained Gemma tokenizer.json through the `tokenizers` package (an optional extra). We add
-    <bos> ourselves (encode adds no specials). Gemma-3 has <start_of_image>/<end_of_image>; Gemma-1/2
-    use the reserved <unused0>/<unused1> instead. The answer separator is "\\n", as in PaliGemma.
-    The JSON text travels in state_dict, so a checkpoint needs no tokenizer folder."""
-    specials = dict(pad_id=["<pad>"], bos_id=["<bos>"], eos_id=["<eos>"], boi_id=["<start_of_image>", "<unused0>"],
-                    eoi_id=["<end_of_image>", "<unused1>"], sep_id=["\n", "<unused2>"])
-
-    def __init__(self, json_text, vocab_size=None):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise ImportError("a Gemma tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
-        self.json_text, self.tok = json_text, Tokenizer.from_str(json_text)
-        # the embedding may have more rows than the tokenizer has tokens (padded vocabularies)
-        self._vocab_size = max(vocab_size or 0, self.tok.get_vocab_size(with_added_tokens=True))
-        for name, candidates in self.specials.items():
-            ids = [self.tok.token_to_id(t) for t in candidates]
-            if name == "sep_id":           # "\n" is a plain token: whatever id the text encodes to
-                nl = self.tok.encode("\n", add_special_tokens=False).ids
-                ids[0] = nl[0] if len(nl) == 1 else None
-            if all(i is None for i in ids):
-                raise ValueError(f"tokenizer.json has none of {candidates} (needed for {name})")
-            setattr(self, name, next(i for i in ids if i is not None))
-
-    @property
-    def vocab_size(self):
-        return self._vocab_size
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def state_dict(self):
-        return {"kind": "gemma", "json": self.json_text, "vocab_size": self._vocab_size}
-
-
-def tokenizer_from_state(state):
-    if state["kind"] == "byte":
-        return ByteTokenizer()
-    if state["kind"] == "word":
-        return WordTokenizer(state["words"])
-    if state["kind"] == "gemma":
-        return GemmaTokenizer(state["json"], state["vocab_size"])
-    raise ValueError(f"unknown tokenizer kind {state['kind']!r} in checkpoint")
-
 # -----------------------------------------------------------------------------
-# 3. The Gemma-like decoder
+# 2. The Gemma-like decoder
 
 
 class RMSNorm(nn.Module):
@@ -406,7 +286,7 @@ class Gemma(nn.Module):
         return torch.tanh(logits / c) * c if c > 0 else logits
 
 # -----------------------------------------------------------------------------
-# 4. Attention masks from per-position kinds (so padded and packed batches work)
+# 3. Attention masks from per-position kinds (so padded and packed batches work)
 
 KIND_PAD, KIND_TEXT, KIND_GEN, KIND_UND = 0, 1, 2, 3
 
@@ -470,7 +350,7 @@ def positions(kind, segment=None):
     return pos
 
 # -----------------------------------------------------------------------------
-# 5. Understanding encoder: a SigLIP-layout ViT (names follow HF SiglipVisionModel) + projector
+# 4. Understanding encoder: a SigLIP-layout ViT (names follow HF SiglipVisionModel) + projector
 
 
 class ViTLayer(nn.Module):
@@ -515,7 +395,7 @@ class VisionEncoder(nn.Module):
         return x
 
 # -----------------------------------------------------------------------------
-# 6. Continuous image tokens: VAE latent grid <-> sequence of p*p*C tokens
+# 5. Continuous image tokens: VAE latent grid <-> sequence of p*p*C tokens
 
 
 def patchify(latents, p):
@@ -532,7 +412,7 @@ def unpatchify(tokens, p, C):
     return x.reshape(B, C, s * p, s * p)
 
 # -----------------------------------------------------------------------------
-# 7. Random-order masking (MAR) and the raster-order ablation
+# 6. Random-order masking (MAR) and the raster-order ablation
 
 
 def sample_mask_ratio(generator=None, device="cpu", low=0.7, std=0.25):
@@ -567,7 +447,7 @@ def random_masking(B, N, generator=None, device="cpu", low=0.7, std=0.25):
     return mask_by_order(num_masked, random_orders(B, N, generator, device))
 
 # -----------------------------------------------------------------------------
-# 8. The diffusion head (MAR's diffloss.py): a per-token MLP conditioned on the decoder output z
+# 7. The diffusion head (MAR's diffloss.py): a per-token MLP conditioned on the decoder output z
 
 
 def timestep_embedding(t, dim, max_period=10_000):
@@ -764,7 +644,7 @@ class GaussianDiffusion(nn.Module):
         return x
 
 # -----------------------------------------------------------------------------
-# 9. UniFluid: batch layout, joint loss
+# 8. UniFluid: batch layout, joint loss
 
 
 class UniFluid(nn.Module):
@@ -941,7 +821,7 @@ class UniFluid(nn.Module):
                     loss_text=loss_text.detach())
 
     # -------------------------------------------------------------------------
-    # 10. Generation
+    # 9. Generation
 
     def sampler_defaults(self, temperature=1.0, sampler=None, diffusion_steps=None):
         """-> (sampler, head steps), filling in what is None: the deterministic ddim sampler in 10 steps for a
@@ -1070,37 +950,130 @@ class UniFluid(nn.Module):
         return (texts, torch.stack(all_logits, 1)) if return_logits else texts
 
 # -----------------------------------------------------------------------------
-# 11. FLOPs, for the MFU printed in the training log
+# Appendix A. Tokenizers: built in, no files. SPECIALS first, then the 256 bytes, then (word tokenizer) words.
 
 
-def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
-    """Training FLOPs of one example (forward + backward = 3x forward = 6 * params * tokens, PaLM /
-    nanoGPT), averaged over the task mix. Counts the decoder (matmuls + attention scores), the tied
-    text head at answer positions, the ViT on und rows, and the diffusion head, which runs
-    diffusion_batch_mul times on every masked gen slot (mean_mask_ratio of the config)."""
-    task_mix = task_mix or {"t2i": 1.0}
-    D, hd = cfg.d_model, cfg.head_dim
-    layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 3 * D * cfg.d_ff
-    w = cfg.head_width
-    head = (cfg.token_dim + D + 2 * w) * w + cfg.head_depth * 5 * w * w + 2 * w * w + w * cfg.token_dim
-    vw = cfg.vit_width
-    vit = cfg.vit_layers * (4 * vw * vw + 2 * vw * cfg.vit_mlp) + 3 * cfg.vit_patch ** 2 * vw
-    N, M, V = cfg.num_image_tokens, cfg.num_und_tokens, cfg.num_vit_tokens
-    masked = mean_mask_ratio(cfg.mask_ratio_min, cfg.mask_ratio_std) * N if cfg.order == "random" else N
-    total = 0.0
-    for task, share in task_mix.items():
-        gen, und = task in ("t2i", "edit"), task in ("caption", "vqa", "edit")
-        T = text_len + (N if gen else 0) + (M if und else 0)
-        f = 6 * (cfg.n_layer * layer * T + cfg.n_layer * 2 * cfg.n_head * hd * T * T)
-        if gen:
-            f += 6 * head * masked * cfg.diffusion_batch_mul
-        if und:
-            f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
-        total += share * f
-    return total
+
+class ByteTokenizer:
+    """UTF-8 bytes: works for any text, ~4x longer sequences than words."""
+    pad_id, bos_id, eos_id, boi_id, eoi_id, sep_id = PAD, BOS, EOS, BOI, EOI, SEP
+
+    @property
+    def vocab_size(self):
+        return N_SPECIAL + 256
+
+    def encode(self, text):
+        return [N_SPECIAL + b for b in text.encode("utf-8")]
+
+    def _piece_bytes(self, i):     # bytes of one non-special id
+        return bytes([i - N_SPECIAL])
+
+    def decode(self, ids):
+        out = b"".join(self._piece_bytes(i) for i in ids if i >= N_SPECIAL)
+        return out.decode("utf-8", errors="replace")
+
+    def state_dict(self):
+        return {"kind": "byte"}
+
+
+class WordTokenizer(ByteTokenizer):
+    """Frequent words (with their leading space, like GPT-2's 'Ġred') from the training captions;
+    any other piece falls back to bytes, so every string round-trips exactly."""
+    split = re.compile(r" ?[^\s]+|\s")
+
+    def __init__(self, words):
+        self.words = list(words)
+        self.index = {w: N_SPECIAL + 256 + i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, texts, max_words=4000, min_count=2):
+        counts = Counter(p for t in texts for p in cls.split.findall(t))
+        return cls([w for w, c in counts.most_common(max_words) if c >= min_count and len(w) > 1])
+
+    @property
+    def vocab_size(self):
+        return N_SPECIAL + 256 + len(self.words)
+
+    def encode(self, text):
+        ids = []
+        for piece in self.split.findall(text):
+            if piece in self.index:
+                ids.append(self.index[piece])
+            else:
+                ids.extend(N_SPECIAL + b for b in piece.encode("utf-8"))
+        return ids
+
+    def _piece_bytes(self, i):
+        return bytes([i - N_SPECIAL]) if i < N_SPECIAL + 256 else self.words[i - N_SPECIAL - 256].encode()
+
+    def decode(self, ids):
+        """Exact inverse of encode. A model can also emit a word without its leading space ('large')
+        right after another word, which no encoded text does: those get their space back, so answers
+        read 'large large no' and not 'largelargeno'."""
+        out = b""
+        for i in ids:
+            if i < N_SPECIAL:
+                continue
+            piece = self._piece_bytes(i)
+            if i >= N_SPECIAL + 256 and out and not out[-1:].isspace() and not piece[:1].isspace():
+                piece = b" " + piece
+            out += piece
+        return out.decode("utf-8", errors="replace")
+
+    def state_dict(self):
+        return {"kind": "word", "words": self.words}
+
+
+class GemmaTokenizer:
+    """A pretrained Gemma tokenizer.json through the `tokenizers` package (an optional extra). We add
+    <bos> ourselves (encode adds no specials). Gemma-3 has <start_of_image>/<end_of_image>; Gemma-1/2
+    use the reserved <unused0>/<unused1> instead. The answer separator is "\\n", as in PaliGemma.
+    The JSON text travels in state_dict, so a checkpoint needs no tokenizer folder."""
+    specials = dict(pad_id=["<pad>"], bos_id=["<bos>"], eos_id=["<eos>"], boi_id=["<start_of_image>", "<unused0>"],
+                    eoi_id=["<end_of_image>", "<unused1>"], sep_id=["\n", "<unused2>"])
+
+    def __init__(self, json_text, vocab_size=None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("a Gemma tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+        self.json_text, self.tok = json_text, Tokenizer.from_str(json_text)
+        # the embedding may have more rows than the tokenizer has tokens (padded vocabularies)
+        self._vocab_size = max(vocab_size or 0, self.tok.get_vocab_size(with_added_tokens=True))
+        for name, candidates in self.specials.items():
+            ids = [self.tok.token_to_id(t) for t in candidates]
+            if name == "sep_id":           # "\n" is a plain token: whatever id the text encodes to
+                nl = self.tok.encode("\n", add_special_tokens=False).ids
+                ids[0] = nl[0] if len(nl) == 1 else None
+            if all(i is None for i in ids):
+                raise ValueError(f"tokenizer.json has none of {candidates} (needed for {name})")
+            setattr(self, name, next(i for i in ids if i is not None))
+
+    @property
+    def vocab_size(self):
+        return self._vocab_size
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def state_dict(self):
+        return {"kind": "gemma", "json": self.json_text, "vocab_size": self._vocab_size}
+
+
+def tokenizer_from_state(state):
+    if state["kind"] == "byte":
+        return ByteTokenizer()
+    if state["kind"] == "word":
+        return WordTokenizer(state["words"])
+    if state["kind"] == "gemma":
+        return GemmaTokenizer(state["json"], state["vocab_size"])
+    raise ValueError(f"unknown tokenizer kind {state['kind']!r} in checkpoint")
 
 # -----------------------------------------------------------------------------
-# Appendix: Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers. config.json -> our Config
+# Appendix B. Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers. config.json -> our Config
 # fields, their tensor names -> our modules (pure functions of dicts: checkpoint.read_hf_folder reads the
 # files). As nanoGPT's GPT.from_pretrained, the map lives beside the names it maps.
 
@@ -1196,3 +1169,33 @@ def load_siglip(model, tensors, freeze=False):
     tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
     load_exact(model.vision, tensors, lambda k: prefix + k, "SigLIP")
     model.vision.requires_grad_(not freeze)
+
+# -----------------------------------------------------------------------------
+# Appendix C. FLOPs, for the MFU printed in the training log
+
+
+def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
+    """Training FLOPs of one example (forward + backward = 3x forward = 6 * params * tokens, PaLM /
+    nanoGPT), averaged over the task mix. Counts the decoder (matmuls + attention scores), the tied
+    text head at answer positions, the ViT on und rows, and the diffusion head, which runs
+    diffusion_batch_mul times on every masked gen slot (mean_mask_ratio of the config)."""
+    task_mix = task_mix or {"t2i": 1.0}
+    D, hd = cfg.d_model, cfg.head_dim
+    layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 3 * D * cfg.d_ff
+    w = cfg.head_width
+    head = (cfg.token_dim + D + 2 * w) * w + cfg.head_depth * 5 * w * w + 2 * w * w + w * cfg.token_dim
+    vw = cfg.vit_width
+    vit = cfg.vit_layers * (4 * vw * vw + 2 * vw * cfg.vit_mlp) + 3 * cfg.vit_patch ** 2 * vw
+    N, M, V = cfg.num_image_tokens, cfg.num_und_tokens, cfg.num_vit_tokens
+    masked = mean_mask_ratio(cfg.mask_ratio_min, cfg.mask_ratio_std) * N if cfg.order == "random" else N
+    total = 0.0
+    for task, share in task_mix.items():
+        gen, und = task in ("t2i", "edit"), task in ("caption", "vqa", "edit")
+        T = text_len + (N if gen else 0) + (M if und else 0)
+        f = 6 * (cfg.n_layer * layer * T + cfg.n_layer * 2 * cfg.n_head * hd * T * T)
+        if gen:
+            f += 6 * head * masked * cfg.diffusion_batch_mul
+        if und:
+            f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
+        total += share * f
+    return total
