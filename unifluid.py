@@ -286,68 +286,45 @@ class Gemma(nn.Module):
         return torch.tanh(logits / c) * c if c > 0 else logits
 
 # -----------------------------------------------------------------------------
-# 3. Attention masks from per-position kinds (so padded and packed batches work)
+# 3. Attention masks from per-position kinds (so padded, mixed-task batches work)
 
 KIND_PAD, KIND_TEXT, KIND_GEN, KIND_UND = 0, 1, 2, 3
 
 
-def block_ids(kind, order="random"):
-    """Id of the bidirectional block each position belongs to (0 = none). A block is a maximal run
-    of und slots, or of gen slots in random order; raster-order gen slots stay causal."""
-    bidir = kind == KIND_UND
-    if order == "random":
-        bidir = bidir | (kind == KIND_GEN)
-    prev = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)   # value one position left
-    starts = bidir & (~prev(bidir) | (kind != prev(kind)))
-    return torch.cumsum(starts.int(), 1) * bidir
+def may_attend(kind_q, kind_k, q, k, order="random", window=0):
+    """The one attention rule, True where query position q may attend key position k (kinds and
+    positions broadcast): causal everywhere, plus both ways inside an image block (the und slots, or
+    the gen slots in random order: each kind forms one contiguous block per row, so "same block" is
+    "same bidirectional kind"); padding is never attended; a position always sees itself (pad rows too).
+    attention_mask evaluates it over (T, T); FlexAttention calls it per (q, k) pair."""
+    bidir = (kind_q == KIND_UND) | (kind_q == KIND_GEN) if order == "random" else kind_q == KIND_UND
+    ok = ((q >= k) | (bidir & (kind_k == kind_q))) & (kind_k != KIND_PAD)
+    if window > 0:                     # sliding-window (local) layers
+        ok = ok & (q - k < window) & (k - q < window)
+    return ok | (q == k)
 
 
-def attention_mask(kind, segment=None, order="random", window=0):
-    """(B, 1, T, T) bool, True = query may attend key. Causal everywhere, plus bidirectional inside
-    an image block; padding is never attended; packed segments never see each other."""
-    B, T = kind.shape
-    i = torch.arange(T, device=kind.device)
-    blk = block_ids(kind, order)
-    allowed = (i[None, :, None] >= i[None, None, :]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] > 0))
-    allowed = allowed & (kind != KIND_PAD)[:, None, :]
-    if segment is not None:
-        allowed = allowed & (segment[:, :, None] == segment[:, None, :])
-    if window > 0:
-        allowed = allowed & ((i[None, :, None] - i[None, None, :]).abs() < window)
-    return (allowed | torch.eye(T, dtype=torch.bool, device=kind.device)).unsqueeze(1)  # pads see themselves
+def attention_mask(kind, order="random", window=0):
+    """(B, 1, T, T) bool, True = query may attend key (SDPA)."""
+    i = torch.arange(kind.shape[1], device=kind.device)
+    return may_attend(kind[:, :, None], kind[:, None, :], i[:, None], i[None, :], order, window).unsqueeze(1)
 
 
-def flex_attention_fn(kind, segment=None, order="random", window=0):
-    """The same mask as a FlexAttention block mask (GPU): blocks that are fully masked are skipped
-    and no (B, T, T) tensor is materialised. Returns attn(q, k, v, scale). The mask reads only kind and
-    segment: within one example each kind of image slot forms one block, so "same block" is "same
-    bidirectional kind" (and a tensor computed in the graph, like block_ids, fails to compile on CPU)."""
+def flex_attention_fn(kind, order="random", window=0):
+    """The same rule as a FlexAttention block mask (GPU): blocks that are fully masked are skipped and
+    no (B, T, T) tensor is materialised. Returns attn(q, k, v, scale)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     B, T = kind.shape
-
-    def mask_mod(b, h, q, k):
-        kq = kind[b, q]
-        bidir = ((kq == KIND_UND) | (kq == KIND_GEN)) if order == "random" else kq == KIND_UND
-        ok = ((q >= k) | (bidir & (kind[b, k] == kq))) & (kind[b, k] != KIND_PAD)
-        if segment is not None:
-            ok = ok & (segment[b, q] == segment[b, k])
-        if window > 0:
-            ok = ok & (q - k < window) & (k - q < window)
-        return ok | (q == k)
-
+    mask_mod = lambda b, h, q, k: may_attend(kind[b, q], kind[b, k], q, k, order, window)
     block_mask = create_block_mask(mask_mod, B, None, T, T, device=kind.device)
     return lambda q, k, v, scale: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
                                                  enable_gqa=k.shape[1] != q.shape[1])
 
 
-def positions(kind, segment=None):
-    """RoPE positions: count of real tokens before, restarting in each packed segment."""
+def positions(kind):
+    """RoPE positions: the count of real (non-pad) tokens before each position."""
     valid = (kind != KIND_PAD).long()
-    pos = torch.cumsum(valid, 1) - valid
-    if segment is not None:
-        first = torch.full_like(pos, 1 << 30).scatter_reduce(1, segment, pos, "amin")
-        pos = pos - first.gather(1, segment)
-    return pos
+    return torch.cumsum(valid, 1) - valid
 
 # -----------------------------------------------------------------------------
 # 4. Understanding encoder: a SigLIP-layout ViT (names follow HF SiglipVisionModel) + projector
@@ -776,13 +753,13 @@ class UniFluid(nn.Module):
 
     attn_impl = "sdpa"   # "flex" on GPU: FlexAttention block masks (train.py sets it; caches use sdpa)
 
-    def masks(self, kind, segment=None, impl="sdpa"):
+    def masks(self, kind, impl="sdpa"):
         if impl == "flex" and self.cfg.attn_softcap == 0:
-            g = flex_attention_fn(kind, segment, self.cfg.order)
+            g = flex_attention_fn(kind, self.cfg.order)
             sw = self.cfg.sliding_window
-            return {"global": g, "local": flex_attention_fn(kind, segment, self.cfg.order, sw) if sw else g}
-        m = {"global": attention_mask(kind, segment, self.cfg.order)}
-        m["local"] = attention_mask(kind, segment, self.cfg.order, self.cfg.sliding_window) \
+            return {"global": g, "local": flex_attention_fn(kind, self.cfg.order, sw) if sw else g}
+        m = {"global": attention_mask(kind, self.cfg.order)}
+        m["local"] = attention_mask(kind, self.cfg.order, self.cfg.sliding_window) \
             if self.cfg.sliding_window > 0 else m["global"]
         return m
 
@@ -801,8 +778,8 @@ class UniFluid(nn.Module):
             else:
                 img_mask = torch.ones(B, N, dtype=torch.bool, device=tokens.device)
             gen_in = self.gen_inputs(tokens, img_mask)
-        h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind, batch.get("segment")),
-                     self.masks(kind, batch.get("segment"), self.attn_impl))
+        h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind),
+                     self.masks(kind, self.attn_impl))
         # The positions that carry a loss. Eager: gathered (the least work). Under torch.compile: all of them,
         # weighted 0/1, so that no shape depends on the data and the graph never breaks (the same loss).
         zero = h.sum() * 0.0                                     # keeps the graph when a task is absent

@@ -96,14 +96,6 @@ def test_und_slots_see_each_other_and_text_sees_und():
     assert not keys_pad.any()                                  # padding is never attended
 
 
-def test_packed_segments_do_not_see_each_other():
-    kind = torch.tensor([[KIND_TEXT] * 3 + [KIND_UND] * 2 + [KIND_TEXT] * 2])
-    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
-    mask = attention_mask(kind, seg)[0, 0]
-    assert not mask[3:, :3].any() and mask[3:5, 3:5].all()
-    assert positions(kind, seg).tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-
-
 def test_flex_attention_matches_sdpa():
     m = tiny().eval()
     b = batch_for(m, ["t2i", "vqa", "edit"], ["a red circle", "what shape?", "make it blue"], ["", "circle", ""])
