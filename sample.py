@@ -129,7 +129,7 @@ def load(args):
     except Exception as e:
         fail(f"cannot load checkpoint {path}: {e}")
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
-    if dtype == "bfloat16" and device != "cuda":   # bf16 on a CPU without bf16 units is ~500x slower (README, Performance)
+    if dtype == "bfloat16" and device != "cuda":   # bf16 on a CPU without bf16 units is far slower (docs/performance.md)
         warn(f"bfloat16 autocast is for CUDA; computing in float32 on {device}")
         dtype = "float32"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
@@ -324,7 +324,7 @@ def compare(model, prompts, args, device, seeded):
 
 
 def bench(model, vae, args, device):
-    """images/s and tokens/s of each sampling path, one seed for all (README, Performance: the
+    """images/s and tokens/s of each sampling path, one seed for all (docs/performance.md: the
     prefix cache + batched CFG against the naive loop; KV-cached decoding against recomputation)."""
     B, new = args.num_images or 8, args.max_new_tokens or 64
     prompts = (args.prompt or ["a red circle above a blue square"])[:1] * B

@@ -2,7 +2,7 @@
 Train UniFluid: one decoder that generates images (continuous VAE tokens, a per-token diffusion head)
 and understands them (captions, answers), with one loss  w * L_image + (1 - w) * L_text  (README, Training).
 
-Quickstart, CPU or GPU (about 17 minutes on 2 idle CPU cores, training the shapes VAE first included):
+Quickstart, CPU or GPU (it trains the shapes VAE first; how long each takes: README, Quickstart):
     python train.py
 Real data with a Stable Diffusion VAE on one GPU:
     python train.py --dataset cc3m --data_dir DIR --model base --vae sd:DIR --image_weight 0.8
@@ -97,7 +97,7 @@ def build_parser():
     g.add_argument("--vae", default="", help="our vae.pt, sd:DIR or mar:PATH; empty = train/reuse the shapes "
                                             "VAE at <out_dir>/../vae/vae.pt")
     g.add_argument("--vae_steps", type=positive_int, default=800, help="steps when the VAE must be trained first "
-                   "(800: 35 dB PSNR on shapes in ~4-8 min on 2 cores)")
+                   "(the quickstart's; README, Quickstart)")
     g.add_argument("--init_from", default="scratch", help="scratch, resume (<out_dir>/ckpt.pt), a checkpoint path, "
                                                          "or gemma:DIR (Hugging Face Gemma-1/2/3 text weights)")
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
@@ -108,7 +108,7 @@ def build_parser():
     g.add_argument("--grad_accum", type=positive_int, default=None,
                    help="micro-batches per step over all processes (default: one per process)")
     g.add_argument("--max_steps", type=positive_int, default=7000, help="optimizer steps (the schedule's length; "
-                   "7000 small-preset steps fill the quickstart's 20 minutes on 2 idle cores, ~26 CPU-minutes)")
+                   "the quickstart's budget on a CPU, README, Quickstart)")
     g.add_argument("--stop_at", type=non_negative(int), default=0,
                    help="stop (and checkpoint) at this step, keeping the schedule of --max_steps; 0 = run to the end")
     g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0: none")
@@ -460,7 +460,7 @@ def build_run(args, device, ddp, local_rank, world, log):
     ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     raw_model, cfg = model, model.cfg    # the config with vocab_size set from the tokenizer
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    if compiled:                         # static shapes: one graph per padded length (README, Performance)
+    if compiled:                         # static shapes: one graph per padded length (docs/performance.md)
         if device.type == "cuda":
             model.attn_impl = "flex"     # FlexAttention block masks for the mixed causal/bidirectional mask
         log(f"compiling the model: one graph per sequence length (a multiple of {PAD_MULTIPLE}); the first steps are slow")

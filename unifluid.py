@@ -75,10 +75,10 @@ class Config:
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
     prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
     learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
-    # MAR details, each screened at small scale (README, Results: "What mattered")
+    # a MAR detail, screened at small scale (docs/log.md)
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
-                                   # without it image inputs sit at ~0.1 rms next to ~2 for sqrt(d)-scaled text
-                                   # embeddings, and the trunk barely uses the tokens already drawn (README)
+                                   # without it image inputs are small next to the sqrt(d)-scaled text embeddings,
+                                   # and the trunk barely uses the tokens already drawn
     # training-time behaviour
     image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (README, Training)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
@@ -131,11 +131,10 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters
     "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=256, vit_width=32,
                  vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
-    # the CPU quickstart: 1.4M parameters, 16 tokens of 16 dims, sized for what 2 cores train in ~17 min
-    # (README, Results: at equal CPU time d 96 beats d 128, 6 layers of d 128 and d 192). Mask ratios near
-    # uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show the model more
-    # than 4 known tokens, while sampling conditions on up to 15 (README: generation 0.07 -> 0.14).
-    # v-prediction: at this size and budget its tokens are far cleaner than eps's (README: 0.17-0.22 -> 0.29-0.31)
+    # the CPU quickstart: 16 tokens of 16 dims, the width that did best at equal CPU time (docs/log.md).
+    # Mask ratios near uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show
+    # the model more than 4 known tokens, while sampling conditions on up to 15. v-prediction: at this size
+    # and budget its tokens are far cleaner than eps's. Both were screened (docs/log.md).
     "small": dict(d_model=96, d_ff=384, head_dim=24, head_width=128, img_input_ln=True, prediction="v",
                   mask_ratio_min=0.0, mask_ratio_std=1.0),
     # one GPU, a few hundred M parameters, 64 px images
@@ -512,9 +511,11 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 class GaussianDiffusion(nn.Module):
-    """Epsilon-prediction DDPM over one token. Two entry points, as MAR's DiffLoss: loss and sample.
-    With learn_sigma the head also outputs, per dimension, where the sampling variance lies between the
-    posterior variance and beta (improved DDPM), trained by the variational bound on a frozen mean."""
+    """DDPM over one token (cosine schedule); two entry points, as MAR's DiffLoss: loss and sample.
+    prediction: the head predicts the noise eps (MAR, DDPM) or v = sqrt(a) eps - sqrt(1 - a) x0
+    (Salimans & Ho); the sampler turns either into eps. learn_sigma (MAR's default, improved DDPM): the
+    head also outputs, per dimension, where the sampling variance lies between the posterior variance
+    and beta, trained by the variational bound on a frozen mean; otherwise the posterior variance."""
     def __init__(self, head, steps=1000, prediction="eps", learn_sigma=False):
         super().__init__()
         if prediction not in ("eps", "v"):
@@ -538,9 +539,12 @@ class GaussianDiffusion(nn.Module):
 
     def loss(self, target, z, mul=1, weight=None):
         """target (n, Dt), z (n, D) -> the mean loss over the n tokens, or over those with weight 1 (n,).
-        Each token is used mul times, with independent timesteps and noise. Eager, only the weighted tokens
-        go through the head; under torch.compile all do, weighted 0/1, so no shape depends on the data.
-        Both draw the same random numbers and give the same loss."""
+        Per token: the squared error of the head's eps or v (whichever `prediction` says), averaged over
+        dimensions; with learn_sigma, plus the variational bound's term in bits (the KL to the true
+        posterior for t > 0, the decoder's NLL of the token at t = 0), from which only the variance output
+        learns. Each token is used mul times, with independent timesteps and noise. Eager, only the
+        weighted tokens go through the head; under torch.compile all do, weighted 0/1, so no shape
+        depends on the data. Both draw the same random numbers and give the same loss."""
         target, z = target.repeat(mul, 1), z.repeat(mul, 1)
         t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
         noise = torch.randn_like(target)
@@ -932,7 +936,7 @@ class UniFluid(nn.Module):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes: works for any text, ~4x longer sequences than words."""
+    """UTF-8 bytes: works for any text, at the cost of several tokens per word."""
     pad_id, bos_id, eos_id, boi_id, eoi_id, sep_id = PAD, BOS, EOS, BOI, EOI, SEP
 
     @property

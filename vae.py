@@ -4,9 +4,9 @@ The continuous image tokenizer: a KL autoencoder (LDM / Stable Diffusion "Autoen
 UniFluid generates VAE latents, not pixels: an image becomes a latent grid,
 p x p latent cells become one continuous token. This file holds the VAE, in the module layout of
 diffusers' AutoencoderKL so Stable Diffusion weights load by name, plus loaders for LDM/MAR
-checkpoints, PIL helpers, and a small trainer for our own dataset.
+checkpoints, PIL conversions, and a small trainer for our own dataset.
 
-Train the small shapes VAE on CPU (about 5 minutes on 2 cores):
+Train the small shapes VAE on CPU (how long it takes: README, Quickstart):
     python vae.py --dataset shapes --out_dir out/vae
 Use it:
     vae = load_vae('out/vae/vae.pt')          # or 'sd:/path/to/sd-vae-ft-mse', 'mar:/path/kl16.ckpt'

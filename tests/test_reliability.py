@@ -197,7 +197,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(run_dir, tmp_pa
 SAVER = """
 import os, sys, time, argparse, torch
 torch.set_num_threads(1)
-import train
+import checkpoint
 src, dst, n, hang_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model, _, tokenizer, ckpt = checkpoint.load_checkpoint(src)
 args, step = argparse.Namespace(**ckpt["args"]), 0
