@@ -26,7 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from checkpoint import checkpoint_path, load_checkpoint
-from vae import from_pil, save_grid, to_pil
+from data.plots import save_grid
+from vae import from_pil, to_pil
 
 REVEAL_CELL, REVEAL_BAND, REVEAL_GAP = 96, 14, 4   # --reveal: px of an image at least, of the step label, between frames
 

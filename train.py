@@ -54,11 +54,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (load_checkpoint, load_optimizer_state, read_checkpoint, read_hf_folder, save_checkpoint,
                         set_rng_state)
 from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
+from data.plots import save_grid
 from data.streams import ShardStream, TaskStreams, encode_batch, rows_per_task, step_seed
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
                       estimate_flops_per_example, gemma_config, load_gemma, load_siglip, siglip_config,
                       tokenizer_from_state)
-from vae import save_grid
 
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs

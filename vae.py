@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 
@@ -381,7 +380,7 @@ def _check_state(model, state, source):
 
 
 # -----------------------------------------------------------------------------
-# PIL helpers
+# PIL conversions: images in [-1, 1] <-> PIL (data.plots.save_grid writes grids of them)
 
 def to_pil(images):
     """(B, 3, H, W) or (3, H, W) float in [-1, 1] -> list of PIL RGB images."""
@@ -409,31 +408,10 @@ def from_pil(pil_images, size):
     return torch.stack(out)
 
 
-def save_grid(images, path, cols, labels=None, cell=None):
-    """The one picture writer: images (B, 3, H, W) in [-1, 1] -> one PNG, `cols` to a row. With labels,
-    each image is upscaled to `cell` px with its text under it. Written to a temporary file and renamed,
-    so a reader (or a second writer) never sees half a picture. OSError if it cannot be written."""
-    from PIL import Image, ImageDraw, ImageFont
-    ims = to_pil(images)
-    cell, text_h = cell or ims[0].width, 4 * 11 + 4 if labels is not None else 0   # 4 lines of 11 px
-    rows = math.ceil(len(ims) / cols)
-    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for i, im in enumerate(ims):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        canvas.paste(im if im.width == cell else im.resize((cell, cell), Image.NEAREST), (x, y))
-        if labels is not None:
-            lines = textwrap.wrap(labels[i] or "(empty prompt)", width=cell // 6)[:4]
-            draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def save_reconstructions(vae, images, path):
     """PNG with originals on top and their reconstructions below: the first thing to look at."""
+    from data.plots import save_grid
     device = next(vae.parameters()).device
     save_grid(torch.cat([images, vae.decode(vae.encode(images.to(device))).cpu()]), path, cols=len(images))
 

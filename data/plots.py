@@ -1,5 +1,6 @@
-"""The pictures of docs/ (README.md, docs/results.md), drawn with Pillow only (no matplotlib), each with its
-table on stdout.
+"""Pictures, drawn with Pillow only (no matplotlib): save_grid, the one writer of image grids (training
+samples, sample.py, VAE reconstructions), and the pictures of docs/ (README.md, docs/results.md), each with
+its table on stdout.
 
     python data/plots.py sweep [out/sweep]    # the --image_weight trade-off (paper Fig. 3) -> docs/tradeoff.png
     python data/plots.py curve [out/curve [S]]   # accuracy against training compute -> docs/curve.png
@@ -24,9 +25,11 @@ step time in the run's log.jsonl.
 """
 import glob
 import json
+import math
 import os
 import re
 import sys
+import textwrap
 
 from PIL import Image, ImageDraw
 
@@ -36,6 +39,29 @@ LINES = [("gen_accuracy", "generation (GenEval-style)", (200, 40, 40)),
          ("gen/single_object", "gen: single_object", (230, 140, 40)),
          ("caption_accuracy", "caption accuracy", (40, 90, 200)),
          ("vqa_accuracy", "VQA accuracy", (30, 150, 60))]
+
+
+def save_grid(images, path, cols, labels=None, cell=None):
+    """The one picture writer: images (B, 3, H, W) in [-1, 1] -> one PNG, `cols` to a row. With labels,
+    each image is upscaled to `cell` px with its text under it. Written to a temporary file and renamed,
+    so a reader (or a second writer) never sees half a picture. OSError if it cannot be written."""
+    from PIL import ImageFont
+    from vae import to_pil
+    ims = to_pil(images)
+    cell, text_h = cell or ims[0].width, 4 * 11 + 4 if labels is not None else 0   # 4 lines of 11 px
+    rows = math.ceil(len(ims) / cols)
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, im in enumerate(ims):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(im if im.width == cell else im.resize((cell, cell), Image.NEAREST), (x, y))
+        if labels is not None:
+            lines = textwrap.wrap(labels[i] or "(empty prompt)", width=cell // 6)[:4]
+            draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def find_runs(root, pattern):
@@ -167,7 +193,7 @@ def edits(run="out/edit", n=16):
     sys.path.insert(0, ROOT)
     from checkpoint import load_checkpoint
     from data import shapes
-    from vae import from_pil, save_grid
+    from vae import from_pil
     try:
         model, vae, _, _ = load_checkpoint(run)
     except FileNotFoundError:
