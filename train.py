@@ -32,8 +32,9 @@ Fine-tune from another run's weights (e.g. for editing, mixed with the other tas
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model, pretrained
-Gemma / SigLIP: their folders, configs and weight names),
-5. checkpoints, 6. data, 7. optimisation and hardware, 8. samples and evaluation, 9. flag parsing.
+Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. flag parsing. Elsewhere:
+the model and the Hugging Face weight-name maps in unifluid.py, checkpoints in checkpoint.py, the data
+streams in data/streams.py, the shapes oracle's driver in data/shapes.py.
 """
 import argparse
 import copy
@@ -643,7 +644,7 @@ def dataset_errors():
 
 
 # -----------------------------------------------------------------------------
-# 7. Optimisation and hardware
+# 5. Optimisation and hardware
 
 
 def lr_at(step, args):
@@ -737,7 +738,7 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 # -----------------------------------------------------------------------------
-# 8. Samples and evaluation (always with the EMA weights)
+# 6. Samples and evaluation (always with the EMA weights)
 
 
 def write_eval(run, model, names, write, log):
@@ -851,7 +852,7 @@ def eval_only(args, device, log):
     return result
 
 # -----------------------------------------------------------------------------
-# 9. Flag parsing
+# 7. Flag parsing
 
 
 def fraction(s):
