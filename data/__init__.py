@@ -1,5 +1,6 @@
 """Datasets for train.py: the embedded shapes scenes (data/shapes.py) and real image-text data
-(data/imagetext.py: CC3M, CC12M, COCO, any WebDataset shards, img2dataset files, a TSV of paths).
+(data/imagetext.py: CC3M, CC12M, COCO, any WebDataset shards, img2dataset files, a TSV of paths);
+data/streams.py reads them as train.py's per-shard streams and turns examples into model batches.
 
     ds = build_dataset('shapes', resolution=32, tasks={'t2i': 0.5, 'caption': 0.5})
     loader = DataLoader(ds, batch_size=64, num_workers=2)

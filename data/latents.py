@@ -13,7 +13,7 @@ LATENTS holds `meta.json` (the VAE spec, resolution, latent shape, sample counts
     captions  list of n: a str, or a list of str (COCO's ~5 per image, one drawn per epoch as the reader does)
     keys      list of n source sample keys
 LatentDataset yields the example dicts of data/__init__.py plus `output_latent` (C, h, w) float32 (zeros
-for captioning rows): train.py's encode_batch uses it instead of running the VAE. `output_image` is zeros
+for captioning rows): data/streams.py's encode_batch uses it instead of running the VAE. `output_image` is zeros
 (the latent replaces it). Shards, shuffling, task draws and bad-shard handling are ImageTextDataset's, so a
 latent shard and the tar shard it came from yield the same stream of examples.
 """
