@@ -671,8 +671,9 @@ class UniFluid(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, ema=True):
-        """The model a train.py checkpoint (the dict torch.load gives) describes: its config, tokenizer and
-        weights, the EMA weights when it has them and ema is True. ValueError, one sentence, if it does not fit."""
+        """The model a train.py checkpoint describes (the dict; checkpoint.load_checkpoint reads the file):
+        its config, tokenizer and weights, the EMA weights when it has them and ema is True. ValueError,
+        one sentence, if it does not fit."""
         missing = {"model", "config", "tokenizer"} - set(ckpt if isinstance(ckpt, dict) else ())
         if missing:
             raise ValueError(f"not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
