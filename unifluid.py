@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Config
+# 1. Config and presets
 
 
 @dataclass
