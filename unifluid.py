@@ -541,7 +541,7 @@ class GaussianDiffusion(nn.Module):
         """target (n, Dt), z (n, D) -> the mean loss over the n tokens, or over those with weight 1 (n,).
         Per token: the squared error of the head's eps or v (whichever `prediction` says), averaged over
         dimensions; with learn_sigma, plus the variational bound's term in bits (the KL to the true
-        posterior for t > 0, the decoder's NLL of the token at t = 0), from which only the variance output
+        posterior for t > 0, the decoder's discretised NLL at t = 0), from which only the variance output
         learns. Each token is used mul times, with independent timesteps and noise. Eager, only the
         weighted tokens go through the head; under torch.compile all do, weighted 0/1, so no shape
         depends on the data. Both draw the same random numbers and give the same loss."""
