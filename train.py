@@ -827,7 +827,7 @@ def evaluate(model, vae, args, device, log=print):
     from data.metrics import evaluate_heldout
     out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
                                 0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
-                                num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
+                                num_iter=args.num_iter, guidance=args.guidance, temperature=args.temperature,
                                 diffusion_steps=args.diffusion_steps))
     out.update(val_losses(model, val_batches(args, model, vae, device)))
     return out

@@ -718,7 +718,7 @@ def eval_scenes(n=200, seed=0, split="test", resolution=32, max_objects=None):
 @torch.no_grad()
 def evaluate_shapes(model, vae, n_per_task=50, seed=0, log=print, **sampling):
     """The oracle on the held-out split: GenEval-style generation accuracy per task, caption, VQA, edit.
-    sampling: generate_images' keyword arguments (num_iter, cfg, temperature, diffusion_steps)."""
+    sampling: generate_images' keyword arguments (num_iter, guidance, temperature, diffusion_steps)."""
     from vae import from_pil
     res, dev = model.cfg.image_size, model.llm.embed_tokens.weight.device
     g = torch.Generator(dev).manual_seed(seed)

@@ -465,7 +465,7 @@ class Oracle:
             self.texts[s["question"], image] = answer("vqa", s, s["answer"], other["answer"])
         self.key = lambda x: x.numpy().tobytes()
 
-    def generate_images(self, texts, num_iter=16, cfg=3.0, temperature=1.0, diffusion_steps=50, und_images=None,
+    def generate_images(self, texts, num_iter=16, guidance=3.0, temperature=1.0, diffusion_steps=50, und_images=None,
                         generator=None):
         und = und_images
         return torch.stack([self.images[t] if und is None else self.images[t, self.key(u)]
@@ -480,7 +480,7 @@ class Oracle:
 
 def evaluate_with(answer, n_per_task=12):
     oracle = Oracle(n_per_task, answer)
-    return S.evaluate_shapes(oracle, oracle, n_per_task, seed=0, log=lambda *a: None, num_iter=1, cfg=1.0,
+    return S.evaluate_shapes(oracle, oracle, n_per_task, seed=0, log=lambda *a: None, num_iter=1, guidance=1.0,
                              temperature=1.0, diffusion_steps=1)
 
 

@@ -462,20 +462,17 @@ def test_discretized_likelihood_is_the_normal_mass_of_the_bin():
 
 
 def test_guidance_ramps_linearly_with_the_revealed_fraction(monkeypatch):
-    """MAR's linear CFG schedule: a step's scale is 1 + (cfg - 1) * (revealed after it) / N, so it rises
-    with the cosine reveal schedule to exactly cfg at the last step; "constant" keeps cfg throughout."""
+    """MAR's linear CFG schedule: a step's scale is 1 + (guidance - 1) * (revealed after it) / N, so it rises
+    with the cosine reveal schedule to exactly `guidance` at the last step."""
     model = tiny().eval()
-    N, steps, cfg = model.cfg.num_image_tokens, 4, 3.0
+    N, steps, guidance = model.cfg.num_image_tokens, 4, 3.0
     scales = []
 
     def sample(z, diffusion_steps, temperature, scale, generator):      # the head, recording its guidance
         scales.append(scale)
         return torch.zeros(z.shape[0] // 2, model.cfg.token_dim)
     monkeypatch.setattr(model.diffusion, "sample", sample)
-    model.generate_images(["a red circle"], num_iter=steps, cfg=cfg)
+    model.generate_images(["a red circle"], num_iter=steps, guidance=guidance)
     masked = [math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)) for k in range(steps - 1)] + [0]
-    assert scales == pytest.approx([1 + (cfg - 1) * (N - m) / N for m in masked]), (scales, masked)
-    assert 1 < scales[0] < scales[1] < scales[2] < scales[3] == cfg
-    scales.clear()
-    model.generate_images(["a red circle"], num_iter=steps, cfg=cfg, cfg_schedule="constant")
-    assert scales == [cfg] * steps
+    assert scales == pytest.approx([1 + (guidance - 1) * (N - m) / N for m in masked]), (scales, masked)
+    assert 1 < scales[0] < scales[1] < scales[2] < scales[3] == guidance
