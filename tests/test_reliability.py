@@ -517,7 +517,7 @@ def test_a_tar_shard_cut_anywhere_gives_its_whole_samples_and_counts_the_cut(tmp
           "mid_member": fourth.offset_data + fourth.size // 2}[cut]
     (tmp_path / "00000.tar").write_bytes(data[:at])
     (tmp_path / "full.tar").unlink()
-    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16)
+    ds = build_dataset("wds", str(tmp_path), split="train", holdout=0, epochs=1, shuffle=False, resolution=16)
     with pytest.warns(UserWarning, match="00000.tar"):
         got = sorted(e["prompt"] or e["answer"] for e in ds)
     assert got == [f"a red square {k}" for k in range(n)], got
@@ -527,7 +527,7 @@ def test_a_tar_shard_cut_anywhere_gives_its_whole_samples_and_counts_the_cut(tmp
 def test_skip_warnings_stop_after_20_shards_and_say_so(tmp_path):
     for s in range(25):                  # each shard: one good sample, one with an empty caption
         write_tar(tmp_path / f"{s:05d}.tar", good_members([s]) + [(f"e{s}.jpg", encode(fmt="JPEG")), (f"e{s}.txt", b" ")])
-    ds = build_dataset("wds", str(tmp_path), split="val", resolution=16)
+    ds = build_dataset("wds", str(tmp_path), split="train", holdout=0, epochs=1, shuffle=False, resolution=16)
     with pytest.warns(UserWarning) as record:
         n = sum(1 for _ in ds)
     skips = [str(w.message) for w in record if "skipped" in str(w.message)]
