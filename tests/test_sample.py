@@ -82,7 +82,9 @@ def pixels(path):
 
 
 def test_text_to_image_grid_and_seed(ckpt, tmp_path):
-    """A row per prompt, --num_images columns, 32 px cells; same seed -> same PNG; --no_cache -> same PNG."""
+    """A row per prompt, --num_images columns, 32 px cells; same seed -> same PNG; --no_cache -> the same
+    image up to float rounding (the cached and recomputed prompt keys are equal to ~1e-6, which can move a
+    pixel by one 8-bit level; a broken cache moves most pixels by many)."""
     a, b, c, d = (tmp_path / f"{n}.png" for n in "abcd")
     prompts = ["--prompt", "a red circle above a blue square", "--prompt", "", "--prompt", "un cercle rouge ✨"]
     p = run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", a, *FAST)
@@ -93,7 +95,9 @@ def test_text_to_image_grid_and_seed(ckpt, tmp_path):
     run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", c, *FAST, "--no_cache")
     run("--out_dir", ckpt, *prompts, "--num_images", 2, "--out", d, *FAST, "--seed", 1)
     assert np.array_equal(pixels(a), pixels(b)), "same seed must give the same image"
-    assert np.array_equal(pixels(a), pixels(c)), "the prefix cache must not change the image"
+    diff = np.abs(pixels(a).astype(int) - pixels(c).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, ("the prefix cache must not change the image",
+                                                          diff.max(), (diff > 0).mean())
     assert not np.array_equal(pixels(a), pixels(d)), "another seed should give another image"
 
 
