@@ -25,7 +25,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint import checkpoint_path, load_checkpoint
+from unifluid import checkpoint_path, load_checkpoint
 from data.plots import save_grid
 from vae import from_pil, to_pil
 

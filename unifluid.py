@@ -15,9 +15,12 @@ Read top to bottom, the method: 1. config and presets -> 2. decoder -> 3. attent
 4. understanding ViT -> 5. image tokens -> 6. random-order masking -> 7. diffusion head (loss and
 sampler) -> 8. UniFluid (batch layout, joint loss) -> 9. generation. Then the appendix, what belongs to
 the model but is not the method: A. tokenizers, B. Hugging Face Gemma / SigLIP config and weight-name
-maps, C. FLOPs. Nothing here reads files, datasets or the command line (checkpoint.py reads weights).
+maps, C. FLOPs, D. reading weights (checkpoints, Hugging Face folders). Nothing here reads datasets or
+the command line.
 """
+import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -1056,7 +1059,7 @@ def tokenizer_from_state(state):
 
 # -----------------------------------------------------------------------------
 # Appendix B. Hugging Face Gemma-1/2/3 text decoders and SigLIP vision towers. config.json -> our Config
-# fields, their tensor names -> our modules (pure functions of dicts: checkpoint.read_hf_folder reads the
+# fields, their tensor names -> our modules (pure functions of dicts: read_hf_folder in appendix D reads the
 # files). As nanoGPT's GPT.from_pretrained, the map lives beside the names it maps.
 
 
@@ -1181,3 +1184,100 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
             f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
         total += share * f
     return total
+
+
+# -----------------------------------------------------------------------------
+# Appendix D. Reading weights: train.py's checkpoints (load_checkpoint, ready to sample), and weight files
+# from elsewhere, read without running code (torch_load: weights-only pickles; read_safetensors: header
+# checked against the file size; read_hf_folder: Hugging Face folders, mapped by appendix B).
+
+
+def checkpoint_path(path_or_dir):
+    return os.path.join(path_or_dir, "ckpt.pt") if os.path.isdir(path_or_dir) or not path_or_dir.endswith(".pt") \
+        else path_or_dir
+
+
+def read_checkpoint(path_or_dir):
+    """The dict save_checkpoint wrote; FileNotFoundError or ValueError (one sentence) otherwise.
+    weights_only: a file from elsewhere can hold tensors and plain data, never code that runs on load."""
+    path = checkpoint_path(path_or_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first with "
+                                f"`python train.py --out_dir {os.path.dirname(path) or '.'}`")
+    ckpt = torch_load(path)
+    missing = {"model", "config", "tokenizer", "vae", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def load_checkpoint(path_or_dir, device="cpu", ema=True):
+    """-> (model, vae, tokenizer, ckpt) ready for inference; the EMA weights when there are some."""
+    from vae import load_vae        # lazy: vae.py imports this module's readers of weight files
+    ckpt = read_checkpoint(path_or_dir)
+    try:
+        model = UniFluid.from_checkpoint(ckpt, ema)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint_path(path_or_dir)}: {e}") from None
+    return model.to(device).eval(), load_vae(ckpt["vae"], device), model.tokenizer, ckpt
+
+
+def torch_load(path):
+    """torch.load of an untrusted file: tensors and plain containers only (weights_only: a pickle that
+    would run code is refused), and any unreadable file becomes one ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, a torn zip (RuntimeError), EOFError, ...
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} cannot be read as PyTorch weights ({type(e).__name__}: {why})") from None
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file, or ValueError naming the file. The header's declared length
+    and tensor offsets are checked against the file size first, so a hostile or truncated file can
+    neither make the reader allocate what the file does not hold nor crash it."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from e
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        header = f.read(n) if 0 < n <= min(size - 8, 100 << 20) else None   # 100 MB: the library's own cap
+    try:
+        meta = json.loads(header) if header is not None else None
+    except (UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in meta.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        end = None
+    if end is None or end > size - 8 - n:
+        raise ValueError(f"{path} is truncated or malformed: its header lists tensors the file does not hold")
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError and friends
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def read_hf_folder(path):
+    """A Hugging Face model folder -> (config.json as a dict, {name: tensor}). The weights are
+    model.safetensors, or the shards that model.safetensors.index.json lists."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors are read)")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(os.path.join(path, f)))
+    return hf, tensors

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import read_safetensors, torch_load
+from unifluid import read_safetensors, torch_load
 
 
 @dataclass

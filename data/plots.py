@@ -191,7 +191,7 @@ def edits(run="out/edit", n=16):
     """Held-out edits drawn by a checkpoint: input | edit (scored by the oracle) | target, one row each."""
     import torch
     sys.path.insert(0, ROOT)
-    from checkpoint import load_checkpoint
+    from unifluid import load_checkpoint
     from data import shapes
     from vae import from_pil
     try:

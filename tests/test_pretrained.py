@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import checkpoint
+import unifluid
 import train
 from unifluid import (KIND_TEXT, Config, Gemma, GemmaTokenizer, UniFluid, attention_mask, gemma_config, load_gemma,
                       load_siglip, positions, siglip_config, tokenizer_from_state)
@@ -49,7 +49,7 @@ def our_logits(llm, ids):
 
 def load_ours(path):
     """What train.py --init_from gemma:DIR does: read the folder, build the config, load the decoder."""
-    hf_cfg, tensors = checkpoint.read_hf_folder(path)
+    hf_cfg, tensors = unifluid.read_hf_folder(path)
     llm = Gemma(Config.preset("tiny", **gemma_config(hf_cfg)))
     load_gemma(llm, tensors)
     return llm.eval()
@@ -104,7 +104,7 @@ def test_siglip_last_hidden_state_matches_hugging_face(tmp_path):
                                              num_attention_heads=4, image_size=32, patch_size=8)
     hf = randomize(transformers.SiglipVisionModel(config))
     hf.save_pretrained(tmp_path / "siglip")
-    hf_cfg, tensors = checkpoint.read_hf_folder(str(tmp_path / "siglip"))
+    hf_cfg, tensors = unifluid.read_hf_folder(str(tmp_path / "siglip"))
     model = UniFluid(Config.preset("tiny", **siglip_config(hf_cfg)))
     load_siglip(model, tensors, freeze=True)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1   # SigLIP's [-1, 1]
@@ -121,7 +121,7 @@ def test_siglip_last_hidden_state_matches_hugging_face(tmp_path):
 def test_a_checkpoint_that_does_not_match_names_what_is_wrong(tmp_path):
     pytest.importorskip("transformers")
     _, path = save_gemma(tmp_path, 2, sliding_window=4)
-    hf_cfg, tensors = checkpoint.read_hf_folder(path)
+    hf_cfg, tensors = unifluid.read_hf_folder(path)
     llm = Gemma(Config.preset("tiny", **gemma_config(hf_cfg)))
     broken = dict(tensors)
     del broken["model.layers.1.mlp.up_proj.weight"]
@@ -136,7 +136,7 @@ def test_a_checkpoint_that_does_not_match_names_what_is_wrong(tmp_path):
     # a Gemma-1 file is not a Gemma-2 model: its missing sandwich norms are named
     _, path1 = save_gemma(tmp_path, 1)
     with pytest.raises(ValueError, match="missing .*post_feedforward_layernorm"):
-        load_gemma(llm, checkpoint.read_hf_folder(path1)[1])
+        load_gemma(llm, unifluid.read_hf_folder(path1)[1])
 
 
 def test_sharded_checkpoints_are_read_through_their_index(tmp_path):
@@ -145,7 +145,7 @@ def test_sharded_checkpoints_are_read_through_their_index(tmp_path):
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
-    a, b = checkpoint.read_hf_folder(path)[1], checkpoint.read_hf_folder(str(tmp_path / "sharded"))[1]
+    a, b = unifluid.read_hf_folder(path)[1], unifluid.read_hf_folder(str(tmp_path / "sharded"))[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 # -----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_train_starts_from_gemma_and_siglip_and_the_checkpoint_reloads(tmp_path)
                 "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
                 "--vae", vae_path, "--out_dir", str(out), "--init_from", f"gemma:{gemma_dir}",
                 "--und_encoder", f"siglip:{tmp_path / 'siglip'}", "--freeze_und_encoder"])
-    model, _, tokenizer, ckpt = checkpoint.load_checkpoint(str(out), ema=False)
+    model, _, tokenizer, ckpt = unifluid.load_checkpoint(str(out), ema=False)
     assert isinstance(tokenizer, GemmaTokenizer) and ckpt["tokenizer"]["kind"] == "gemma"
     assert model.cfg.qk_norm and model.cfg.d_model == 32 and model.cfg.vit_width == 32
     # the frozen ViT still holds SigLIP's weights; the decoder started from Gemma's and was trained

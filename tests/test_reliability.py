@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 import sample
-import checkpoint
 import train
+import unifluid
 import vae as vae_mod
 from data import build_dataset
 
@@ -176,30 +176,30 @@ def test_a_dataset_where_everything_is_bad_stops_train_with_one_sentence(tmp_pat
 def test_sigterm_during_training_saves_a_checkpoint_and_exits_cleanly(sigterm_run, run_dir):
     _, stdout, stderr, _ = sigterm_run
     assert "stopped by SIGTERM" in stdout and "--init_from resume" in stdout and "Traceback" not in stderr
-    ckpt = checkpoint.read_checkpoint(str(run_dir))
+    ckpt = unifluid.read_checkpoint(str(run_dir))
     assert ckpt["step"] >= 2 and not os.path.exists(run_dir / "ckpt.pt.tmp")
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(run_dir, tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     shutil.copy(run_dir / "ckpt.pt", path)
-    model, _, tokenizer, ckpt = checkpoint.load_checkpoint(path)
+    model, _, tokenizer, ckpt = unifluid.load_checkpoint(path)
 
     def torn_save(obj, f):
         f.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_checkpoint(path, model, None, None, 999, tokenizer, ckpt["vae"], argparse.Namespace())
-    assert checkpoint.read_checkpoint(path)["step"] == ckpt["step"]      # the half-written file was the .tmp
+        train.save_checkpoint(path, model, None, None, 999, tokenizer, ckpt["vae"], argparse.Namespace())
+    assert unifluid.read_checkpoint(path)["step"] == ckpt["step"]      # the half-written file was the .tmp
 
 
 SAVER = """
 import os, sys, time, argparse, torch
 torch.set_num_threads(1)
-import checkpoint
+import train, unifluid
 src, dst, n, hang_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-model, _, tokenizer, ckpt = checkpoint.load_checkpoint(src)
+model, _, tokenizer, ckpt = unifluid.load_checkpoint(src)
 args, step = argparse.Namespace(**ckpt["args"]), 0
 real_fsync = os.fsync
 
@@ -211,7 +211,7 @@ def fsync(fd):   # save number hang_at stops with its .tmp file written and not 
 os.fsync = fsync
 while True:      # a large-ish checkpoint, saved back to back; pad is filled with its step to check wholeness
     step += 1
-    checkpoint.save_checkpoint(dst, model, None, None, step, tokenizer, ckpt["vae"], args, pad=torch.full((n,), float(step)))
+    train.save_checkpoint(dst, model, None, None, step, tokenizer, ckpt["vae"], args, pad=torch.full((n,), float(step)))
     print(step, flush=True)
 """
 
@@ -235,7 +235,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(run_dir, t
         assert os.path.exists(str(dst) + ".tmp"), "the saver did not stop inside a save"
         proc.proc.kill()                                                             # SIGKILL: no handler runs
         proc.finish(60)
-        model, _, _, ckpt = checkpoint.load_checkpoint(str(dst))
+        model, _, _, ckpt = unifluid.load_checkpoint(str(dst))
         check_whole(ckpt)
         assert ckpt["step"] == hang_at - 1                                           # the last whole save
 
@@ -250,7 +250,7 @@ def test_reads_while_another_process_rewrites_the_checkpoint_always_succeed(run_
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         steps, deadline = set(), time.time() + 300      # read until the writer has rewritten it 3 times
         while len(steps) < 3 and time.time() < deadline:
-            ckpt = checkpoint.read_checkpoint(str(dst))
+            ckpt = unifluid.read_checkpoint(str(dst))
             check_whole(ckpt)
             steps.add(ckpt["step"])
         _, err = reader.communicate(timeout=120)
@@ -324,7 +324,7 @@ def test_resume_without_a_checkpoint_or_from_another_config_says_which_and_why(r
         with pytest.raises(SystemExit) as e:
             resume(tmp_path / name)
         assert words in one_sentence(e), e.value.code
-    assert checkpoint.read_checkpoint(str(run_dir))["step"] == ckpt["step"]      # nothing was written to the run
+    assert unifluid.read_checkpoint(str(run_dir))["step"] == ckpt["step"]      # nothing was written to the run
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -356,7 +356,7 @@ def test_a_pickle_that_runs_code_is_refused(run_dir, tmp_path):
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "model": Payload()}, evil_zip)                   # torch's zip format
     evil_raw.write_bytes(pickle.dumps({"config": Payload()}))            # a bare pickle
-    for load in (lambda: checkpoint.read_checkpoint(str(evil_zip)), lambda: checkpoint.load_checkpoint(str(evil_zip)),
+    for load in (lambda: unifluid.read_checkpoint(str(evil_zip)), lambda: unifluid.load_checkpoint(str(evil_zip)),
                  lambda: vae_mod.load_vae(str(evil_raw)), lambda: vae_mod.load_vae("mar:" + str(evil_raw))):
         with pytest.raises(ValueError, match="cannot be read as PyTorch weights"):
             load()
@@ -382,7 +382,7 @@ def test_malformed_checkpoints_give_a_clear_error(run_dir, tmp_path):
     for name, data in cases.items():
         path = tmp_path / f"{name}.pt"
         path.write_bytes(data)
-        for load in (checkpoint.read_checkpoint, vae_mod.load_vae):
+        for load in (unifluid.read_checkpoint, vae_mod.load_vae):
             with pytest.raises(ValueError, match="cannot be read as PyTorch weights") as e:
                 load(str(path))
             assert str(path) in str(e.value) and "\n" not in str(e.value)
@@ -396,7 +396,7 @@ def test_malformed_safetensors_are_refused_before_the_library_reads_them(tmp_pat
     from safetensors.torch import save_file
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(good))
-    assert torch.equal(checkpoint.read_safetensors(str(good))["w"], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(unifluid.read_safetensors(str(good))["w"], torch.arange(1000, dtype=torch.float32))
     b = good.read_bytes()
     n = int.from_bytes(b[:8], "little")
     header = json.loads(b[8:8 + n])
@@ -413,14 +413,14 @@ def test_malformed_safetensors_are_refused_before_the_library_reads_them(tmp_pat
         path.write_bytes(data)
         said = "is truncated or malformed" if name in ("truncated", "offsets_past_end") else "is not a safetensors file"
         with pytest.raises(ValueError, match=said) as e:     # the words, not the file name, which holds both
-            checkpoint.read_safetensors(str(path))
+            unifluid.read_safetensors(str(path))
         assert str(e.value).startswith(str(path)), e.value
     hf = tmp_path / "gemma"                   # as train.py --init_from gemma:DIR reads it
     os.makedirs(hf)
     (hf / "config.json").write_text("{}")
     shutil.copy(tmp_path / "truncated.safetensors", hf / "model.safetensors")
     with pytest.raises(ValueError, match="is truncated or malformed"):
-        checkpoint.read_hf_folder(str(hf))
+        unifluid.read_hf_folder(str(hf))
 
 
 # ----------------------------------------------------------------------------- numerics

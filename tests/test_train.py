@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import checkpoint
+import unifluid
 import train
 from data import shapes as S
 from data.streams import rows_per_task
@@ -67,7 +67,7 @@ def test_tiny_run_lowers_both_losses_and_writes_its_outputs(trained):
 
 def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
     out, _ = trained
-    model, vae, tokenizer, ckpt = checkpoint.load_checkpoint(str(out))
+    model, vae, tokenizer, ckpt = unifluid.load_checkpoint(str(out))
     assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "tokenizer", "vae", "args", "rng", "bad_steps"}
     assert ckpt["step"] == 30 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert tokenizer.state_dict()["kind"] == "word" and model.cfg.vocab_size == tokenizer.vocab_size
@@ -76,14 +76,14 @@ def test_checkpoint_format_and_load_checkpoint(trained, tmp_path):
     raw, ema = ckpt["model"], ckpt["ema"]
     assert raw.keys() == ema.keys()
     assert_same(model.state_dict(), ema, "ema")
-    assert_same(checkpoint.load_checkpoint(str(out), ema=False)[0].state_dict(), raw, "model")
+    assert_same(unifluid.load_checkpoint(str(out), ema=False)[0].state_dict(), raw, "model")
     differ = [k for k in raw if raw[k].dim() == 2 and not torch.equal(raw[k], ema[k])]
     assert len(differ) >= 0.9 * sum(v.dim() == 2 for v in raw.values()), differ
     texts = model.generate_text(torch.zeros(2, 3, 32, 32), ["", "what color is the circle"], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
     with pytest.raises(FileNotFoundError, match="python train.py"):
-        checkpoint.load_checkpoint(str(tmp_path))
+        unifluid.load_checkpoint(str(tmp_path))
 
 
 def test_eval_only_writes_the_documented_keys(trained, tmp_path):
@@ -352,7 +352,7 @@ def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(tmp_path, v
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5)
-    model, _, _, _ = checkpoint.load_checkpoint(str(tmp_path / "two"))       # sample.py's loader, no process group
+    model, _, _, _ = unifluid.load_checkpoint(str(tmp_path / "two"))       # sample.py's loader, no process group
     assert model.generate_text(torch.zeros(1, 3, 32, 32), [""], max_new_tokens=2)
 
 
