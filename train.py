@@ -32,9 +32,10 @@ Fine-tune from another run's weights (e.g. for editing, mixed with the other tas
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model, pretrained
-Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. checkpoints, 8. flag parsing. Elsewhere:
-the model, the Hugging Face weight-name maps and the readers of weights in unifluid.py, the data
-streams in data/streams.py, the shapes oracle's driver in data/shapes.py.
+Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. writing checkpoints,
+8. flag parsing. Elsewhere: the model, the Hugging Face weight-name maps and the readers of weights
+(checkpoints too) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
+data/shapes.py.
 """
 import argparse
 import copy
