@@ -32,9 +32,9 @@ Fine-tune from another run's weights (e.g. for editing, mixed with the other tas
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model, pretrained
-Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. writing checkpoints,
-8. flag parsing. Elsewhere: the model, the Hugging Face weight-name maps and the readers of weights
-(checkpoints too) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
+Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. flag parsing.
+Elsewhere: the model, the Hugging Face weight-name maps and the checkpoint format (save_checkpoint,
+load_checkpoint) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
 data/shapes.py.
 """
 import argparse
@@ -42,7 +42,6 @@ import copy
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -50,7 +49,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -59,8 +57,9 @@ from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
 from data.plots import save_grid
 from data.streams import ShardStream, TaskStreams, encode_batch, rows_per_task, step_seed
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
-                      estimate_flops_per_example, gemma_config, load_checkpoint, load_gemma, load_siglip,
-                      read_checkpoint, read_hf_folder, siglip_config, tokenizer_from_state)
+                      estimate_flops_per_example, gemma_config, load_checkpoint, load_gemma, load_optimizer_state,
+                      load_siglip, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state, siglip_config,
+                      tokenizer_from_state)
 
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs
@@ -853,87 +852,7 @@ def eval_only(args, device, log):
     return result
 
 # -----------------------------------------------------------------------------
-# 7. Checkpoints: one torch.save'd dict of plain data (weights without torch.compile's `_orig_mod.` prefix,
-# their EMA, AdamW state, step, Config, tokenizer, VAE spec, flags, random states), written atomically.
-# unifluid.load_checkpoint reads it back for sampling; a sharded (--fsdp) run saves what one process holds.
-
-
-def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
-    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps).
-    A sharded (--fsdp) model is saved as one process would hold it: every rank calls this (the shards are
-    gathered to full CPU tensors) and rank 0 writes, so any run, sharded or not, can resume or sample it."""
-    states = dict(model=model_state(model), ema=model_state(ema_model) if ema_model is not None else None,
-                  optimizer=optimizer_state(model, optimizer) if optimizer is not None else None)
-    if is_sharded(model) and dist.get_rank() != 0:
-        return
-    ckpt = dict(**states, step=step,
-                config=model.cfg.to_dict(), tokenizer=tokenizer.state_dict(), vae=vae_spec,
-                args={k: v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v)
-                      for k, v in vars(args).items()}, rng=rng_state(), **extra)
-    with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())             # on disk before the rename, so even a power cut leaves one whole file
-    os.replace(path + ".tmp", path)      # atomic: a reader or a crash mid-write never sees a torn ckpt.pt
-
-
-def rng_state():
-    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
-                                                 for x in np.random.get_state()],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
-    st = s["numpy"]
-    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def model_state(model):
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model, optimizer):
-    """optimizer.state_dict()'s layout (parameters numbered in param_groups order) also when sharded."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:                         # full_state_dict + cpu_offload: only rank 0 receives it
-        return full
-    index = {name: i for i, name in enumerate(param_names(model, optimizer))}   # full is keyed by parameter name
-    return dict(state={index[n]: s for n, s in full["state"].items()},
-                param_groups=[{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]])
-
-
-def load_optimizer_state(model, optimizer, state):
-    if not is_sharded(model):
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    names = param_names(model, optimizer)
-    full = dict(state={names[i]: s for i, s in state["state"].items()},
-                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]])
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
-
-
-def param_names(model, optimizer):
-    name = {id(p): n for n, p in model.named_parameters()}
-    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-# -----------------------------------------------------------------------------
-# 8. Flag parsing
+# 7. Flag parsing
 
 
 def fraction(s):

@@ -15,17 +15,19 @@ Read top to bottom, the method: 1. config and presets -> 2. decoder -> 3. attent
 4. understanding ViT -> 5. image tokens -> 6. random-order masking -> 7. diffusion head (loss and
 sampler) -> 8. UniFluid (batch layout, joint loss) -> 9. generation. Then the appendix, what belongs to
 the model but is not the method: A. tokenizers, B. Hugging Face Gemma / SigLIP config and weight-name
-maps, C. FLOPs, D. reading weights (checkpoints, Hugging Face folders). Nothing here reads datasets or
-the command line.
+maps, C. FLOPs, D. checkpoints and weight files. Nothing here reads datasets or the command line.
 """
 import json
 import math
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1187,9 +1189,87 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
 
 
 # -----------------------------------------------------------------------------
-# Appendix D. Reading weights: train.py's checkpoints (load_checkpoint, ready to sample), and weight files
-# from elsewhere, read without running code (torch_load: weights-only pickles; read_safetensors: header
-# checked against the file size; read_hf_folder: Hugging Face folders, mapped by appendix B).
+# Appendix D. Checkpoints and weight files. A checkpoint is one torch.save'd dict of plain data: the
+# uncompiled model's weights (no `_orig_mod.` prefix) and their EMA, AdamW state, step, Config, tokenizer,
+# VAE spec, flags and random states; train.py writes it atomically (save_checkpoint; a sharded --fsdp run
+# saves what one process would hold), load_checkpoint reads it ready to sample. Weight files from
+# elsewhere are read without running code: torch_load (weights-only pickles), read_safetensors (header
+# checked against the file size), read_hf_folder (Hugging Face folders, mapped by appendix B).
+
+
+def save_checkpoint(path, model, optimizer, ema_model, step, tokenizer, vae_spec, args, **extra):
+    """Keys: model, ema, optimizer, step, config, tokenizer, vae, args, rng (+ extra, e.g. bad_steps).
+    A sharded (--fsdp) model is saved as one process would hold it: every rank calls this (the shards are
+    gathered to full CPU tensors) and rank 0 writes, so any run, sharded or not, can resume or sample it."""
+    states = dict(model=model_state(model), ema=model_state(ema_model) if ema_model is not None else None,
+                  optimizer=optimizer_state(model, optimizer) if optimizer is not None else None)
+    if is_sharded(model) and dist.get_rank() != 0:
+        return
+    ckpt = dict(**states, step=step,
+                config=model.cfg.to_dict(), tokenizer=tokenizer.state_dict(), vae=vae_spec,
+                args={k: v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v)
+                      for k, v in vars(args).items()}, rng=rng_state(), **extra)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())             # on disk before the rename, so even a power cut leaves one whole file
+    os.replace(path + ".tmp", path)      # atomic: a reader or a crash mid-write never sees a torn ckpt.pt
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=[x.tolist() if isinstance(x, np.ndarray) else x
+                                                 for x in np.random.get_state()],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    st = s["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def model_state(model):
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict()'s layout (parameters numbered in param_groups order) also when sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:                         # full_state_dict + cpu_offload: only rank 0 receives it
+        return full
+    index = {name: i for i, name in enumerate(param_names(model, optimizer))}   # full is keyed by parameter name
+    return dict(state={index[n]: s for n, s in full["state"].items()},
+                param_groups=[{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]])
+
+
+def load_optimizer_state(model, optimizer, state):
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = param_names(model, optimizer)
+    full = dict(state={names[i]: s for i, s in state["state"].items()},
+                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]])
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def param_names(model, optimizer):
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def checkpoint_path(path_or_dir):

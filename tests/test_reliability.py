@@ -190,14 +190,14 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(run_dir, tmp_pa
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(path, model, None, None, 999, tokenizer, ckpt["vae"], argparse.Namespace())
+        unifluid.save_checkpoint(path, model, None, None, 999, tokenizer, ckpt["vae"], argparse.Namespace())
     assert unifluid.read_checkpoint(path)["step"] == ckpt["step"]      # the half-written file was the .tmp
 
 
 SAVER = """
 import os, sys, time, argparse, torch
 torch.set_num_threads(1)
-import train, unifluid
+import unifluid
 src, dst, n, hang_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model, _, tokenizer, ckpt = unifluid.load_checkpoint(src)
 args, step = argparse.Namespace(**ckpt["args"]), 0
@@ -211,7 +211,7 @@ def fsync(fd):   # save number hang_at stops with its .tmp file written and not 
 os.fsync = fsync
 while True:      # a large-ish checkpoint, saved back to back; pad is filled with its step to check wholeness
     step += 1
-    train.save_checkpoint(dst, model, None, None, step, tokenizer, ckpt["vae"], args, pad=torch.full((n,), float(step)))
+    unifluid.save_checkpoint(dst, model, None, None, step, tokenizer, ckpt["vae"], args, pad=torch.full((n,), float(step)))
     print(step, flush=True)
 """
 
