@@ -254,10 +254,15 @@ def no_early_stop(tokenizer):
         del tokenizer.eos_id
 
 
+def synchronizer(device):
+    """-> a function that waits for the device's queued work (a GPU runs asynchronously), for timing."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def best_times(fns, device, repeats=3):
     """-> (outputs, best wall time of each fn). Runs round-robin, so a busy spell of a shared machine
     slows every path alike, and keeps each path's best (least disturbed) run."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     outs, best = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -280,7 +285,7 @@ def same(a, b):
 def time_split(model, device):
     """-> dict of seconds spent, while it is open, in the trunk (the decoder's forward calls) and in the
     diffusion head's sampler (model.diffusion.sample: the head network and its per-step updates)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     spent = {"trunk": 0.0, "head": 0.0}
     def timed(fn, name):
         def call(*a, **k):
@@ -311,11 +316,7 @@ def compare(model, prompts, args, device, seeded):
     rows = []
     for st, ti in zip(settings, t):
         with time_split(model, device) as spent:
-            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-            t0 = time.perf_counter()
-            run(*st)
-            sync()
-            wall = time.perf_counter() - t0
+            _, (wall,) = best_times([lambda: run(*st)], device, repeats=1)
         share = {k: v / wall for k, v in spent.items()}
         print(f"  {'/'.join(map(str, st)):14s} {len(prompts) / ti:8.2f} images/s  {t[0] / ti:5.2f}x the first   "
               f"trunk {share['trunk']:4.0%}  head {share['head']:4.0%}  other {1 - sum(share.values()):4.0%}")

@@ -676,7 +676,7 @@ class UniFluid(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, ema=True):
-        """The model a train.py checkpoint describes (the dict; checkpoint.load_checkpoint reads the file):
+        """The model a train.py checkpoint describes (the dict; load_checkpoint, appendix D, reads the file):
         its config, tokenizer and weights, the EMA weights when it has them and ema is True. ValueError,
         one sentence, if it does not fit."""
         missing = {"model", "config", "tokenizer"} - set(ckpt if isinstance(ckpt, dict) else ())
