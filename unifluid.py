@@ -80,6 +80,9 @@ class Config:
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
     prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
     learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
+    t_sampling: str = "uniform"    # training timesteps: "uniform" (DDPM, MAR) or "logit_normal" (t/T = sigmoid of
+                                   # N(0, 1): more steps at mid noise, as Stable Diffusion 3)
+    snr_gamma: float = 0.0         # min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); 0 = off (MAR)
     # a MAR detail, screened at small scale (docs/log.md)
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
                                    # without it image inputs are small next to the sqrt(d)-scaled text embeddings,
@@ -520,12 +523,19 @@ class GaussianDiffusion(nn.Module):
     prediction: the head predicts the noise eps (MAR, DDPM) or v = sqrt(a) eps - sqrt(1 - a) x0
     (Salimans & Ho); the sampler turns either into eps. learn_sigma (MAR's default, improved DDPM): the
     head also outputs, per dimension, where the sampling variance lies between the posterior variance
-    and beta, trained by the variational bound on a frozen mean; otherwise the posterior variance."""
-    def __init__(self, head, steps=1000, prediction="eps", learn_sigma=False):
+    and beta, trained by the variational bound on a frozen mean; otherwise the posterior variance.
+    Two training-only choices, both off in MAR: t_sampling "logit_normal" draws t/T from sigmoid(N(0, 1))
+    instead of uniformly; snr_gamma > 0 weights each token's squared error so that it equals
+    min(SNR, gamma) times the clean token's squared error (min-SNR-gamma), SNR = acp / (1 - acp). In eval
+    mode neither applies, so validation losses stay comparable across recipes."""
+    def __init__(self, head, steps=1000, prediction="eps", learn_sigma=False, t_sampling="uniform", snr_gamma=0.0):
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}: choose eps or v")
+        if t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}: choose uniform or logit_normal")
         self.head, self.steps, self.prediction, self.learn_sigma = head, steps, prediction, learn_sigma
+        self.t_sampling, self.snr_gamma = t_sampling, snr_gamma
         acp = cosine_alphas_cumprod(steps)
         acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
         beta = 1 - acp / acp_prev
@@ -551,7 +561,11 @@ class GaussianDiffusion(nn.Module):
         weighted tokens go through the head; under torch.compile all do, weighted 0/1, so no shape
         depends on the data. Both draw the same random numbers and give the same loss."""
         target, z = target.repeat(mul, 1), z.repeat(mul, 1)
-        t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
+        if self.t_sampling == "logit_normal" and self.training:
+            u = torch.sigmoid(torch.randn(target.shape[0], device=target.device))
+            t = (u * self.steps).long().clamp(max=self.steps - 1)
+        else:
+            t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
         noise = torch.randn_like(target)
         if weight is not None:
             weight = weight.float().repeat(mul)
@@ -565,6 +579,10 @@ class GaussianDiffusion(nn.Module):
             out, mix = out.chunk(2, -1)
         want = a.sqrt() * noise - (1 - a).sqrt() * target if self.prediction == "v" else noise   # v or eps
         loss = (out - want.float()).pow(2).mean(1)                                               # per token
+        if self.snr_gamma > 0 and self.training:   # |x0 error|^2 = |eps error|^2 / SNR = |v error|^2 / (SNR + 1)
+            snr = (a / (1 - a)).squeeze(1)
+            loss = loss * (snr.clamp(max=self.snr_gamma) / (snr + 1) if self.prediction == "v"
+                           else (self.snr_gamma / snr).clamp(max=1))              # min(SNR, g) / SNR
         if self.learn_sigma:             # + the bound's KL term, which only the variance learns from
             eps = self.eps_from(out.detach(), x_t, a)
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
@@ -661,7 +679,8 @@ class UniFluid(nn.Module):
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
         self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
                                                          cfg.token_dim * (2 if cfg.learn_sigma else 1)),
-                                           cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma)
+                                           cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma,
+                                           cfg.t_sampling, cfg.snr_gamma)
         self.apply(self._init)
 
     def _init(self, m):                # GPT/Gemma: normal(0, 0.02) weights, zero biases

@@ -226,6 +226,42 @@ def test_diffusion_head_is_zero_at_init_and_overfits():
     assert sum(losses[-20:]) / 20 < 0.4
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_training_choices(prediction):
+    """min-SNR-gamma: each token's loss is min(SNR, gamma) times its clean token's squared error;
+    logit-normal timesteps gather at mid noise; in eval mode the loss is the plain uniform-t one."""
+    class Spy(DiffusionHead):                                  # records what the loss fed the head
+        def forward(self, x, t, c):
+            self.seen = (x, t)
+            return super().forward(x, t, c)
+    torch.manual_seed(0)
+    head = Spy(token_dim=4, cond_dim=3, width=16, depth=1)
+    torch.nn.init.normal_(head.out.weight, std=0.5)                 # a head that is not zero: errors to weigh
+    target, z = torch.randn(4000, 4), torch.randn(4000, 3)
+    make = lambda **kw: GaussianDiffusion(head, prediction=prediction, **kw)
+    def loss(diff, seed=1):
+        torch.manual_seed(seed)
+        return diff.loss(target, z)
+    plain, weighted = make(), make(snr_gamma=5.0)
+    got = loss(weighted)
+    x_t, t = head.seen
+    with torch.no_grad():
+        a = plain.acp[t].unsqueeze(1)
+        eps = plain.eps_from(head(x_t, t, head.condition(z)), x_t, a)
+        x0_err = ((x_t - (1 - a).sqrt() * eps) / a.sqrt() - target).pow(2).mean(1)
+        want = ((a / (1 - a)).squeeze(1).clamp(max=5.0) * x0_err).mean()
+    assert torch.allclose(got, want, rtol=1e-3), (got, want)
+    weighted.eval()
+    assert torch.equal(loss(weighted), loss(plain)), "eval mode: the plain loss, comparable across recipes"
+    loss(make(t_sampling="logit_normal"))
+    t = head.seen[1].float()
+    assert abs(t.mean().item() - 500) < 20 and 190 < t.std().item() < 230   # sigmoid(N(0, 1)): std 0.21
+    loss(plain)
+    assert head.seen[1].float().std().item() > 270                            # uniform: std 289
+    with pytest.raises(ValueError, match="t_sampling"):
+        make(t_sampling="cosine")
+
+
 @pytest.mark.parametrize("prediction,learn_sigma", [("eps", False), ("v", False), ("eps", True)])
 def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, learn_sigma):
     torch.manual_seed(0)
