@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
 from data.plots import save_grid
-from data.streams import ShardStream, TaskStreams, encode_batch, rows_per_task, step_seed
+from data.streams import ShardStream, encode_batch, rows_per_task, step_examples, step_seed
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
                       estimate_flops_per_example, gemma_config, load_checkpoint, load_gemma, load_optimizer_state,
                       load_siglip, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state, siglip_config,
@@ -125,6 +125,7 @@ def build_parser():
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto = bfloat16 autocast on GPU, float32 on CPU (no fp16: NaNs)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile; auto: GPU only")
+    g.add_argument("--workers", type=int, choices=[0, 1], default=1, help="1: a process draws the next steps' examples")
     g.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing of the decoder blocks")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
                                                       "over the processes (FSDP2, per decoder block, then the rest)")
@@ -209,7 +210,7 @@ def main(argv=None):
     if run.start_step:
         log(f"resuming at step {run.start_step}: skipping the {run.start_step * run.global_batch} examples already seen")
     with dataset_errors():
-        run.streams = [TaskStreams(args, s, args.grad_accum, run.start_step, run.rows) for s in run.shards]
+        run.feed = step_examples(args, run.shards, run.start_step, run.rows, args.workers)
         if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
             vbatches = val_batches(args, raw_model, vae, device, log=log)
@@ -317,12 +318,12 @@ def accumulate_gradients(run, step):
     (loss, loss_image, loss_text, tokens); the gradients are in the parameters' .grad."""
     args, device, model = run.args, run.device, run.model
     stats = torch.zeros(4, device=device)
-    for m, (shard, stream) in enumerate(zip(run.shards, run.streams)):
+    with dataset_errors():               # e.g. every sample of a shard is bad: one sentence, no traceback
+        micro_batches, run.data_skipped = next(run.feed)
+    for m, (shard, examples) in enumerate(zip(run.shards, micro_batches)):
         seed = step_seed(args.seed, step, shard)
         torch.manual_seed(seed)          # masking, the diffusion head's noise and timesteps (no generator
         g_cpu = torch.Generator().manual_seed(seed)   # object goes into the model: torch.compile breaks on one)
-        with dataset_errors():           # e.g. every sample of the shard is bad: one sentence, no traceback
-            examples = stream.take(args.batch_size)
         with run.ctx:
             batch = encode_batch(run.raw_model, run.vae, examples, device, g_cpu, run.cfg.cfg_dropout,
                                  PAD_MULTIPLE if run.compiled else 1, sample=True)
@@ -346,7 +347,7 @@ def log_step(run, step, stop_step, out, meter, elapsed, log_file, write):
                 tokens_per_s=meter["tokens"] / meter["time"], steps_per_s=steps_per_s,
                 mfu=run.flops_per_step * steps_per_s / (run.peak * run.world), elapsed_s=elapsed,
                 eta_s=(stop_step - step) / steps_per_s, skipped=run.bad_total,
-                data_skipped=sum(s.skipped() for s in run.streams))
+                data_skipped=run.data_skipped)
     if run.compiled:                     # once warm, the graph count stays put and no graph breaks
         last.update(compile_counters())
     log_file.write(json.dumps(last) + "\n")

@@ -11,7 +11,9 @@ batch has the same shape (one compiled graph) and the task mix holds in every mi
 `args` below is anything with train.py's data flags: dataset, data_dir, resolution, seed, holdout.
 """
 import itertools
+import signal
 
+import numpy as np
 import torch
 
 from unifluid import patchify
@@ -87,6 +89,62 @@ class TaskStreams:
 
     def skipped(self):
         return sum(s.skipped() for s in self.streams.values())
+
+
+class StepExamples(torch.utils.data.IterableDataset):
+    """This process's examples, step after step: ([the micro-batch of each shard in `shards`], the samples
+    the readers have skipped so far). A dataset error (FileNotFoundError, ValueError) is passed on as the
+    next item, so that it reaches train.py as one sentence also from a worker process."""
+
+    def __init__(self, args, shards, start_step, rows):
+        self.args, self.shards, self.start_step, self.rows = args, list(shards), start_step, rows
+
+    def __iter__(self):
+        try:
+            streams = [TaskStreams(self.args, s, self.args.grad_accum, self.start_step, self.rows) for s in self.shards]
+            while True:
+                yield [st.take(sum(self.rows.values())) for st in streams], sum(st.skipped() for st in streams)
+        except (FileNotFoundError, ValueError) as e:
+            yield e
+
+
+def step_examples(args, shards, start_step, rows, workers=1):
+    """An endless iterator over StepExamples. workers=1: a DataLoader worker process draws the next two
+    steps' examples while this process computes (drawing scenes and decoding JPEGs are serial Python,
+    which a second core runs beside the step); 0: drawn here, in turn with the step. The examples are the
+    same either way. Images cross the process boundary as numpy arrays (pickled, no shared memory per
+    tensor)."""
+    ds = StepExamples(args, shards, start_step, rows)
+    if workers:
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2,
+                                             collate_fn=_as_arrays, worker_init_fn=_leave_signals_to_train,
+                                             generator=torch.Generator())
+        items = map(_as_tensors, loader)
+    else:
+        items = iter(ds)
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def _leave_signals_to_train(worker_id):
+    """Ctrl-C reaches the whole process group: train.py finishes the step (which needs its examples) and
+    checkpoints; the worker ends with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _as_arrays(item, convert=lambda v: v.numpy()):
+    if isinstance(item, Exception):
+        return item
+    batches, skipped = item
+    return [[{k: convert(v) if isinstance(v, (torch.Tensor, np.ndarray)) else v for k, v in e.items()} for e in b]
+            for b in batches], skipped
+
+
+def _as_tensors(item):
+    return _as_arrays(item, torch.from_numpy)
 
 
 def rows_per_task(mix, n):

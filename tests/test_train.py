@@ -98,7 +98,8 @@ def test_eval_only_writes_the_documented_keys(trained, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path, vae_path):
-    run(tmp_path / "a", vae_path, "--max_steps", "6")
+    """Also: examples drawn in this process (a, --workers 0) and in a worker process (b) are the same."""
+    run(tmp_path / "a", vae_path, "--max_steps", "6", "--workers", "0")
     run(tmp_path / "b", vae_path, "--max_steps", "6", "--stop_at", "3")
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
     run(tmp_path / "b", vae_path, "--max_steps", "6", "--init_from", "resume")
@@ -266,12 +267,14 @@ def test_nan_loss_in_a_row_stops_and_keeps_the_last_checkpoint(tmp_path, vae_pat
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, vae_path, child):
     """SIGINT (Ctrl-C) once the handler is installed and two steps are done: the step finishes, a
-    checkpoint is saved, exit 0 (tests/test_reliability.py sends SIGTERM)."""
+    checkpoint is saved, exit 0 (tests/test_reliability.py sends SIGTERM). Sent to the process group, as a
+    terminal does, so the data worker gets it too and must leave the stop to train.py."""
     proc = child([sys.executable, "train.py", *FAST, "--vae", vae_path, "--out_dir", str(tmp_path),
-                  "--max_steps", "100000"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                  "--max_steps", "100000"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                 start_new_session=True)
     proc.wait_for(r"^Ctrl-C or SIGTERM: ", 120)
     proc.wait_for(r"^step 2/100000 \|", 120)
-    proc.proc.send_signal(signal.SIGINT)
+    os.killpg(proc.proc.pid, signal.SIGINT)
     code, stdout, stderr = proc.finish(120)
     assert code == 0, stderr[-2000:]
     assert "stopped by SIGINT" in stdout and "--init_from resume" in stdout
