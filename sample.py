@@ -10,6 +10,7 @@ Sample from a trained UniFluid: text-to-image, captioning, question answering an
     python sample.py --prompt "a red circle" --reveal reveal.gif    # also the image after each reveal step
     python sample.py --bench                  # images/s and tokens/s, cache on and off, on this device
     python sample.py --bench --compare 16/10/ddim --compare 8/10/ddim   # settings side by side, where time goes
+    python sample.py --bench --model base --num_images 1   # a preset, untrained: its speed without training it
 
 Reads out_dir/ckpt.pt written by train.py (EMA weights unless --no-ema). An empty prompt draws an
 unconditional sample; a prompt longer than the model's text length is truncated, with a warning.
@@ -25,9 +26,9 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from unifluid import checkpoint_path, load_checkpoint
+from unifluid import PRESETS, Config, UniFluid, checkpoint_path, load_checkpoint
 from data.plots import save_grid
-from vae import from_pil, to_pil
+from vae import AutoencoderKL, VAEConfig, from_pil, to_pil
 
 REVEAL_CELL, REVEAL_BAND, REVEAL_GAP = 96, 14, 4   # --reveal: px of an image at least, of the step label, between frames
 
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the prefix every step (slow; for checking)")
     p.add_argument("--bench", action="store_true", help="print images/s and tokens/s with the cache on and off")
+    p.add_argument("--model", choices=list(PRESETS), help="with --bench: time this preset with untrained weights "
+                   "instead of OUT_DIR's checkpoint (the work does not depend on the weights)")
     p.add_argument("--compare", action="append", type=setting, default=[], metavar="REVEAL/HEAD/SAMPLER",
                    help="with --bench: also time this setting (e.g. 16/50/ddpm, repeatable) beside the flags' own, "
                         "with the share of the trunk and the diffusion head in each")
@@ -103,8 +106,8 @@ def parse_args(argv=None):
         p.error("temperatures must be >= 0")
     if args.temperature != 1.0 and "ddim" in [args.sampler] + [c[2] for c in args.compare]:
         p.error("--temperature scales the per-step noise of --sampler ddpm; ddim adds none: drop one of them")
-    if args.compare and not args.bench:
-        p.error("--compare times settings side by side: add --bench")
+    if (args.compare or args.model) and not args.bench:
+        p.error(f"--{'compare' if args.compare else 'model'} is for timing: add --bench")
     return args
 
 
@@ -121,14 +124,21 @@ def load(args):
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {device} is not available on this machine; use --device cpu")
-    path = checkpoint_path(args.out_dir)
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}: train one with `python train.py --out_dir {os.path.dirname(path) or '.'}` "
-             f"or point --out_dir at the folder that holds ckpt.pt")
-    try:                                 # weights_only: a checkpoint from elsewhere cannot run code
-        model, vae, _, _ = load_checkpoint(path, device, ema=args.ema)
-    except Exception as e:
-        fail(f"cannot load checkpoint {path}: {e}")
+    if args.model:                       # untrained: a preset and a VAE of its latent grid, both at random init
+        cfg = Config.preset(args.model)
+        levels = (cfg.image_size // cfg.latent_size).bit_length()      # each level after the first halves H, W
+        vae = AutoencoderKL(VAEConfig.preset("shapes", ch_mult=(1, 2, 4, 4, 4)[:levels],
+                                             latent_channels=cfg.latent_channels)).to(device)
+        model = UniFluid(cfg).to(device)
+    else:
+        path = checkpoint_path(args.out_dir)
+        if not os.path.isfile(path):
+            fail(f"no checkpoint at {path}: train one with `python train.py --out_dir {os.path.dirname(path) or '.'}` "
+                 f"or point --out_dir at the folder that holds ckpt.pt")
+        try:                             # weights_only: a checkpoint from elsewhere cannot run code
+            model, vae, _, _ = load_checkpoint(path, device, ema=args.ema)
+        except Exception as e:
+            fail(f"cannot load checkpoint {path}: {e}")
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
     if dtype == "bfloat16" and device != "cuda":   # bf16 on a CPU without bf16 units is far slower (docs/performance.md)
         warn(f"bfloat16 autocast is for CUDA; computing in float32 on {device}")
