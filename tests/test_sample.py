@@ -195,3 +195,13 @@ def test_bench_prints_figures(ckpt):
     assert all(0 < r["trunk"] < 1 and 0 < r["head"] < 1 and r["trunk"] + r["head"] <= 1 for r in rows)
     # each path against the prefix-cached (kv-cached) one, which is not compared with itself
     assert out.count("outputs identical") == 3, "cache on/off and batched/separate CFG must agree exactly"
+
+
+def test_bench_of_an_untrained_preset(tmp_path):
+    """--bench --model PRESET times a preset without a checkpoint (any --out_dir); --model alone is an error."""
+    p = run("--out_dir", tmp_path / "nothing", "--bench", "--model", "tiny", "--num_images", 1, "--num_iter", 2,
+            "--max_new_tokens", 2)
+    result = json.loads(p.stdout.splitlines()[-1])
+    assert result["result"] == "bench" and result["t2i_images_per_s"]["cached"] > 0
+    assert "0.24M params" in p.stdout
+    one_line_error(run("--model", "tiny", "--prompt", "x", ok=False), 2, "--model", "--bench")
