@@ -657,11 +657,11 @@ def lr_at(step, args):
 
 
 def make_optimizer(model, args, device_type):
-    # weight decay only on matrices and embeddings; norms, biases and the [MASK] vector are left alone
+    # decay only on matrices and embeddings (not norms, biases, [MASK]); fused AdamW but on FSDP's CPU DTensors
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda" or not args.fsdp)
 
 
 @torch.no_grad()
