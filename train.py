@@ -268,6 +268,7 @@ def main(argv=None):
                     f"--out_dir {args.out_dir}")
                 break
     pbar.close()
+    run.feed.close()                     # stops the data worker
 
     result = {}
     if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
@@ -390,8 +391,7 @@ def stop_signals():
             signal.signal(sig, handler)
 
 # -----------------------------------------------------------------------------
-# 4. Building a run: device and processes, flags a checkpoint fixes, VAE, tokenizer, model, optimizer,
-# pretrained Hugging Face parts
+# 4. Building a run: device and processes, flags a checkpoint fixes, VAE, tokenizer, model, optimizer, HF weights
 
 
 def build_run(args, device, ddp, local_rank, world, log):

@@ -10,8 +10,10 @@ batch has the same shape (one compiled graph) and the task mix holds in every mi
 
 `args` below is anything with train.py's data flags: dataset, data_dir, resolution, seed, holdout.
 """
+import atexit
 import itertools
 import signal
+import weakref
 
 import numpy as np
 import torch
@@ -113,24 +115,36 @@ def step_examples(args, shards, start_step, rows, workers=1):
     steps' examples while this process computes (drawing scenes and decoding JPEGs are serial Python,
     which a second core runs beside the step); 0: drawn here, in turn with the step. The examples are the
     same either way. Images cross the process boundary as numpy arrays (pickled, no shared memory per
-    tensor)."""
-    ds = StepExamples(args, shards, start_step, rows)
+    tensor). Closing the iterator stops the worker; train.py closes it when the run ends, and one still
+    open is closed when Python exits (the worker ignores SIGTERM, so Python's own exit could not stop it)."""
+    feed = _step_examples(StepExamples(args, shards, start_step, rows), workers)
+    ref = weakref.ref(feed)
+    atexit.register(lambda: ref() is not None and ref().close())
+    return feed
+
+
+def _step_examples(ds, workers):
     if workers:
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2,
                                              collate_fn=_as_arrays, worker_init_fn=_leave_signals_to_train,
                                              generator=torch.Generator())
-        items = map(_as_tensors, loader)
+        it = iter(loader)
+        items = map(_as_tensors, it)
     else:
-        items = iter(ds)
-    for item in items:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+        it = items = iter(ds)
+    try:
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        if workers:
+            it._shutdown_workers()   # tells the worker to stop and waits for it
 
 
 def _leave_signals_to_train(worker_id):
     """Ctrl-C reaches the whole process group: train.py finishes the step (which needs its examples) and
-    checkpoints; the worker ends with it."""
+    checkpoints; the worker ends with it, when train.py closes the iterator."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

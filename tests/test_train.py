@@ -115,6 +115,17 @@ def test_resume_continues_exactly(tmp_path, vae_path):
     assert not torch.equal(a["ema"]["llm.embed_tokens.weight"], a["model"]["llm.embed_tokens.weight"])
 
 
+def test_a_data_worker_left_running_does_not_keep_python_from_exiting():
+    """A feed nobody closes (train.main called from a script that exits without returning, say): Python still
+    exits, and the worker with it, although the worker ignores the SIGTERM that Python's exit sends it."""
+    code = ("import train; from data.streams import step_examples, rows_per_task; "
+            "args = train.get_args(['--model', 'tiny', '--batch_size', '8', '--resolution', '32']); args.grad_accum = 1; "
+            "feed = step_examples(args, [0], 0, rows_per_task(train.task_mix(args), 8)); "
+            "examples, skipped = next(feed); print('drawn', len(examples[0]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "drawn 8" in out.stdout, out.stderr
+
+
 def assert_same(a, b, where):
     """Nested dicts / lists of tensors and numbers: equal exactly."""
     if isinstance(a, dict):
