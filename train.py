@@ -45,7 +45,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -227,7 +227,7 @@ def main(argv=None):
     pbar = tqdm(total=stop_step, initial=run.start_step, disable=not master, dynamic_ncols=True, leave=False)
     t_start, meter, last, bad_in_row = time.time(), dict(time=0.0, steps=0, tokens=0.0), {}, 0
     step = run.start_step
-    with stop_signals() as stop:         # SIGINT/SIGTERM: finish the step, checkpoint, exit
+    with stop_signals() as stop, closing(run.feed):   # SIGINT/SIGTERM: finish the step, checkpoint, exit
         log("Ctrl-C or SIGTERM: the run stops after this step with a checkpoint (a second one: at once)")
         while step < stop_step:
             t0 = time.time()
@@ -268,7 +268,6 @@ def main(argv=None):
                     f"--out_dir {args.out_dir}")
                 break
     pbar.close()
-    run.feed.close()                     # stops the data worker
 
     result = {}
     if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
