@@ -115,8 +115,9 @@ def step_examples(args, shards, start_step, rows, workers=1):
     steps' examples while this process computes (drawing scenes and decoding JPEGs are serial Python,
     which a second core runs beside the step); 0: drawn here, in turn with the step. The examples are the
     same either way. Images cross the process boundary as numpy arrays (pickled, no shared memory per
-    tensor). Closing the iterator stops the worker; train.py closes it when the run ends (also on an error), and one still
-    open is closed when Python exits (the worker ignores SIGTERM, so Python's own exit could not stop it)."""
+    tensor). Closing the iterator stops the worker; train.py closes it when the run ends (also on an
+    error), and one still open is closed when Python exits (the worker ignores SIGTERM, so Python's own
+    exit could not stop it)."""
     feed = _step_examples(StepExamples(args, shards, start_step, rows), workers)
     ref = weakref.ref(feed)
     atexit.register(lambda: ref() is not None and ref().close())
