@@ -116,23 +116,31 @@ def step_examples(args, shards, start_step, rows, workers=1):
     which a second core runs beside the step); 0: drawn here, in turn with the step. The examples are the
     same either way. Images cross the process boundary as numpy arrays (pickled, no shared memory per
     tensor). Closing the iterator stops the worker; train.py closes it when the run ends (also on an
-    error), and one still open is closed when Python exits (the worker ignores SIGTERM, so Python's own
-    exit could not stop it)."""
+    error), and one still open is closed when Python exits."""
     feed = _step_examples(StepExamples(args, shards, start_step, rows), workers)
-    ref = weakref.ref(feed)
-    atexit.register(lambda: ref() is not None and ref().close())
+    if workers:
+        _OPEN_FEEDS.add(feed)
     return feed
+
+
+_OPEN_FEEDS = weakref.WeakSet()    # feeds with a worker process, for _close_open_feeds
+
+
+@atexit.register                   # runs before multiprocessing's own exit handler, registered at torch's import
+def _close_open_feeds():
+    """The worker ignores SIGTERM, so Python's own exit (SIGTERM to each child, then join) cannot stop it."""
+    for feed in list(_OPEN_FEEDS):
+        feed.close()
 
 
 def _step_examples(ds, workers):
     if workers:
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2,
-                                             collate_fn=_as_arrays, worker_init_fn=_leave_signals_to_train,
-                                             generator=torch.Generator())
-        it = iter(loader)
-        items = map(_as_tensors, it)
+        loader = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2,
+                                                  collate_fn=_as_arrays, worker_init_fn=_leave_signals_to_train,
+                                                  generator=torch.Generator()))
+        items = map(_as_tensors, loader)
     else:
-        it = items = iter(ds)
+        items = iter(ds)
     try:
         for item in items:
             if isinstance(item, Exception):
@@ -140,8 +148,8 @@ def _step_examples(ds, workers):
             yield item
     finally:
         if workers:
-            it._shutdown_workers()   # tells the worker to stop and waits for it (5 s)
-            for w in it._workers:    # one that did not stop: SIGKILL, which it cannot ignore
+            loader._shutdown_workers()   # tells the worker to stop and waits for it (5 s)
+            for w in loader._workers:    # one that did not stop: SIGKILL, which it cannot ignore
                 if w.is_alive():
                     w.kill()
                     w.join()
