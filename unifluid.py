@@ -78,7 +78,8 @@ class Config:
     head_depth: int = 3
     diffusion_steps: int = 1000    # training timesteps of the cosine schedule
     diffusion_batch_mul: int = 4   # each z is reused with 4 independent noises (the head is cheap)
-    prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM) or "v" (Salimans & Ho)
+    prediction: str = "eps"        # what the head predicts: "eps" (MAR, DDPM), "v" (Salimans & Ho), or "flow":
+                                   # the velocity of a rectified flow in place of DDPM (FlowMatching, SD3)
     learn_sigma: bool = False      # also learn the sampling variance with the VLB term (MAR, improved DDPM)
     t_sampling: str = "uniform"    # training timesteps: "uniform" (DDPM, MAR) or "logit_normal" (t/T = sigmoid of
                                    # N(0, 1): more steps at mid noise, as Stable Diffusion 3)
@@ -531,7 +532,7 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, head, steps=1000, prediction="eps", learn_sigma=False, t_sampling="uniform", snr_gamma=0.0):
         super().__init__()
         if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction {prediction!r}: choose eps or v")
+            raise ValueError(f"unknown prediction {prediction!r}: choose eps or v (or flow, FlowMatching)")
         if t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"unknown t_sampling {t_sampling!r}: choose uniform or logit_normal")
         self.head, self.steps, self.prediction, self.learn_sigma = head, steps, prediction, learn_sigma
@@ -658,6 +659,81 @@ class GaussianDiffusion(nn.Module):
             x = mean + std * temperature * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
+class FlowMatching(nn.Module):
+    """Rectified flow over one token (Liu et al.; Lipman et al.; Stable Diffusion 3), the alternative to
+    GaussianDiffusion with the same head and the same two entry points. The path is straight,
+    x_t = (1 - t) x0 + t eps for t in [0, 1], and the head predicts its velocity u = eps - x0 (the head's
+    timestep input is 1000 t, the scale of DDPM's steps). Training draws t uniformly, or from sigmoid(N(0, 1))
+    with t_sampling "logit_normal" (SD3's choice; in eval mode always uniformly).
+    Sampling walks num_steps evenly spaced times from t = 1 (x_1 ~ N(0, I)) down to 0:
+      ddim: the deterministic update x_s = (1 - s) x0 + s eps, which on this path is exactly the Euler step
+            x_s = x_t + (s - t) u of the flow's ODE; no noise, so temperature must be 1;
+      ddpm: ancestral: a draw from the Gaussian posterior q(x_s | x_t, x0) of this path, mean
+            (1 - s) x0 + s r eps, std s sqrt(1 - r^2) with r = (1 - t) s / ((1 - s) t), its noise scaled by
+            temperature (MAR's meaning); DDPM's posterior step in the same terms.
+    x0 and eps are the head's prediction turned round: x0 = x_t - t u, eps = x_t + (1 - t) u."""
+    SAMPLERS, clip_x0 = GaussianDiffusion.SAMPLERS, GaussianDiffusion.clip_x0
+
+    def __init__(self, head, t_sampling="uniform"):
+        super().__init__()
+        if t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}: choose uniform or logit_normal")
+        self.head, self.t_sampling = head, t_sampling
+
+    def loss(self, target, z, mul=1, weight=None):
+        """As GaussianDiffusion.loss: the squared error of the predicted velocity, averaged over dimensions."""
+        target, z = target.repeat(mul, 1), z.repeat(mul, 1)
+        if self.t_sampling == "logit_normal" and self.training:
+            t = torch.sigmoid(torch.randn(target.shape[0], device=target.device))
+        else:
+            t = torch.rand(target.shape[0], device=target.device)
+        noise = torch.randn_like(target)
+        if weight is not None:
+            weight = weight.float().repeat(mul)
+            if not torch.compiler.is_compiling():
+                keep = weight > 0
+                target, z, t, noise, weight = target[keep], z[keep], t[keep], noise[keep], None
+        x_t = (1 - t[:, None]) * target + t[:, None] * noise
+        u = self.head(x_t.to(z.dtype), 1000 * t, self.head.condition(z)).float()
+        loss = (u - (noise - target).float()).pow(2).mean(1)
+        return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def sample(self, z, num_steps=100, temperature=1.0, guidance=None, generator=None, sampler="ddpm"):
+        """As GaussianDiffusion.sample (guidance u_u + guidance (u_c - u_u)), on the straight path."""
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
+        if sampler == "ddim" and temperature != 1.0:
+            raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
+                             f"use temperature 1 or the ddpm sampler")
+        guided = guidance is not None
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        if guided and torch.is_tensor(guidance):
+            guidance = guidance.to(z.device, torch.float32).view(-1, 1)
+        ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()   # t = 1, ..., 0 as floats
+        x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
+        c = self.head.condition(z)
+        t_emb = self.head.time(1000 * torch.tensor(ts[:-1], device=z.device)).to(c.dtype)
+        for i in range(num_steps):
+            t, s = ts[i], ts[i + 1]
+            u = self.head.denoise((torch.cat([x, x]) if guided else x).to(z.dtype), c + t_emb[i]).float()
+            if guided:
+                cond, uncond = u.chunk(2)
+                u = uncond + guidance * (cond - uncond)
+            x0 = x - t * u                                              # predicted clean token
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            if i == num_steps - 1:
+                return x0
+            eps = (x - (1 - t) * x0) / t                                # the noise it implies
+            if sampler == "ddim":
+                x = (1 - s) * x0 + s * eps
+                continue
+            r = (1 - t) * s / ((1 - s) * t)
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = (1 - s) * x0 + s * r * eps + s * (1 - r * r) ** 0.5 * temperature * noise
+        return x
+
 # -----------------------------------------------------------------------------
 # 8. UniFluid: batch layout, joint loss
 
@@ -677,10 +753,16 @@ class UniFluid(nn.Module):
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
-        self.diffusion = GaussianDiffusion(DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
-                                                         cfg.token_dim * (2 if cfg.learn_sigma else 1)),
-                                           cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma,
-                                           cfg.t_sampling, cfg.snr_gamma)
+        head = DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
+                             cfg.token_dim * (2 if cfg.learn_sigma else 1))
+        if cfg.prediction == "flow":
+            if cfg.learn_sigma or cfg.snr_gamma:
+                raise ValueError("learn_sigma and snr_gamma are DDPM options a flow head does not have: "
+                                 "turn them off or choose prediction eps or v")
+            self.diffusion = FlowMatching(head, cfg.t_sampling)
+        else:
+            self.diffusion = GaussianDiffusion(head, cfg.diffusion_steps, cfg.prediction, cfg.learn_sigma,
+                                               cfg.t_sampling, cfg.snr_gamma)
         self.apply(self._init)
 
     def _init(self, m):                # GPT/Gemma: normal(0, 0.02) weights, zero biases
@@ -832,9 +914,9 @@ class UniFluid(nn.Module):
 
     def sampler_defaults(self, temperature=1.0, sampler=None, diffusion_steps=None):
         """-> (sampler, head steps), filling in what is None: the deterministic ddim sampler in 10 steps for a
-        v-prediction head at temperature 1, else MAR's ancestral ddpm in 50 (docs/sampling.md: ddim holds a v
-        head's accuracy at a fifth of the steps, and carries an eps head's error at t = T to the end)."""
-        sampler = sampler or ("ddim" if self.cfg.prediction == "v" and temperature == 1.0 else "ddpm")
+        v-prediction or flow head at temperature 1, else MAR's ancestral ddpm in 50 (docs/sampling.md: ddim
+        holds a v head's accuracy at a fifth of the steps, and carries an eps head's error at t = T to the end)."""
+        sampler = sampler or ("ddim" if self.cfg.prediction in ("v", "flow") and temperature == 1.0 else "ddpm")
         return sampler, diffusion_steps or (10 if sampler == "ddim" else 50)
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unifluid import (KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
-                      GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
+                      FlowMatching, GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
                       estimate_flops_per_example, mean_mask_ratio, patchify, positions, random_masking,
                       unpatchify)
 
@@ -262,11 +262,12 @@ def test_diffusion_training_choices(prediction):
         make(t_sampling="cosine")
 
 
-@pytest.mark.parametrize("prediction,learn_sigma", [("eps", False), ("v", False), ("eps", True)])
+@pytest.mark.parametrize("prediction,learn_sigma", [("eps", False), ("v", False), ("eps", True), ("flow", False)])
 def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, learn_sigma):
     torch.manual_seed(0)
     head = DiffusionHead(token_dim=2, cond_dim=2, width=128, depth=2, out_dim=4 if learn_sigma else 2)
-    diff = GaussianDiffusion(head, prediction=prediction, learn_sigma=learn_sigma)
+    diff = (FlowMatching(head) if prediction == "flow"
+            else GaussianDiffusion(head, prediction=prediction, learn_sigma=learn_sigma))
     means = torch.tensor([[1.5, -1.0], [-1.0, 0.5]])
     stds = torch.tensor([0.5, 0.15])
     conds = torch.eye(2)
@@ -281,7 +282,7 @@ def test_diffusion_sampler_reproduces_a_conditional_distribution(prediction, lea
     g = torch.Generator().manual_seed(0)
     # the deterministic sampler too, for a v head: an eps head's error at t = T, where x0 = (x - eps) / ~5e-5,
     # is carried to the end by ddim and washed out by ddpm's noise (docs/sampling.md)
-    for sampler, steps in (("ddpm", 50),) + ((("ddim", 50),) if prediction == "v" else ()):
+    for sampler, steps in (("ddpm", 50),) + ((("ddim", 50),) if prediction in ("v", "flow") else ()):
         for i in range(2):
             s = diff.sample(conds[i].expand(1000, 2), num_steps=steps, generator=g, sampler=sampler)
             assert (s.mean(0) - means[i]).abs().max() < 0.1, (sampler, i, s.mean(0))
@@ -372,7 +373,7 @@ def test_loss_is_weighted_sum():
 MAR_OPTIONS = dict(img_input_ln=True, prediction="v", learn_sigma=True)
 
 
-@pytest.mark.parametrize("options", [{}, MAR_OPTIONS], ids=["default", "mar_options"])
+@pytest.mark.parametrize("options", [{}, MAR_OPTIONS, dict(prediction="flow")], ids=["default", "mar_options", "flow"])
 def test_tiny_preset_trains_without_nans(options):
     m = tiny(**options)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -391,6 +392,13 @@ def test_tiny_preset_trains_without_nans(options):
     m.eval()
     lat = m.generate_images(["a red circle"], num_iter=4, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (1, m.cfg.latent_channels, m.cfg.latent_size, m.cfg.latent_size) and torch.isfinite(lat).all()
+
+
+def test_a_flow_head_refuses_the_ddpm_only_options():
+    for option in (dict(learn_sigma=True), dict(snr_gamma=5.0)):
+        with pytest.raises(ValueError, match="flow head"):
+            tiny(prediction="flow", **option)
+    assert isinstance(tiny(prediction="flow").diffusion, FlowMatching)
 
 
 def test_a_checkpoint_of_an_earlier_version_loads_or_says_why():
