@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="diffusion head steps per token (default: 10 with ddim, 50 with ddpm)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="diffusion head sampler: ancestral ddpm (MAR's) or deterministic ddim (temperature 1 only); "
-                        "default: ddim for a v-prediction head at temperature 1, else ddpm (docs/sampling.md)")
+                        "default: ddim for a v-prediction or flow head at temperature 1, else ddpm (docs/sampling.md)")
     # text tokens
     p.add_argument("--text_temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top_k", type=positive(int), help="sample among the k most likely tokens")
