@@ -84,6 +84,9 @@ class Config:
     t_sampling: str = "uniform"    # training timesteps: "uniform" (DDPM, MAR) or "logit_normal" (t/T = sigmoid of
                                    # N(0, 1): more steps at mid noise, as Stable Diffusion 3)
     snr_gamma: float = 0.0         # min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); 0 = off (MAR)
+    repa_weight: float = 0.0       # representation alignment (REPA, Yu et al. 2024; they use 0.5): adds this times
+    repa_layer: int = 2            # 1 - cos between an MLP of the gen slots' states after repa_layer decoder blocks
+                                   # and the ViT's features of the same image (no gradient into them); 0 = off
     # a MAR detail, screened at small scale (docs/log.md)
     img_input_ln: bool = False     # LayerNorm on the gen-slot inputs (MAR's z_proj_ln; on in every preset but tiny):
                                    # without it image inputs are small next to the sqrt(d)-scaled text embeddings,
@@ -290,13 +293,16 @@ class Gemma(nn.Module):
         e = self.embed_tokens(ids)
         return e * torch.tensor(self.cfg.d_model ** 0.5, dtype=e.dtype)
 
-    def forward(self, x, pos, masks, cache=None, start=0):
-        for layer in self.layers:
+    def forward(self, x, pos, masks, cache=None, start=0, keep=0):
+        """-> the final states; with keep = k > 0, also the states after the first k blocks (REPA)."""
+        for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, pos, masks, use_reentrant=False)
             else:
                 x = layer(x, pos, masks, cache, start)
-        return self.norm(x)
+            if i + 1 == keep:
+                kept = x
+        return (self.norm(x), kept) if keep else self.norm(x)
 
     def logits(self, h):               # tied head, optional Gemma-2 final soft-capping
         logits = h @ self.embed_tokens.weight.t()
@@ -753,6 +759,14 @@ class UniFluid(nn.Module):
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
+        self.repa_proj = None
+        if cfg.repa_weight > 0:        # gen slot i and ViT output i must cover the same patch of the image
+            if cfg.latent_size // cfg.patch_size != cfg.image_size // cfg.vit_patch // cfg.vit_pool:
+                raise ValueError("repa_weight needs as many ViT outputs as gen slots, on the same grid: "
+                                 "choose vit_patch / vit_pool so that image_size / vit_patch / vit_pool = latent_size / patch_size")
+            if not 0 < cfg.repa_layer <= cfg.n_layer:
+                raise ValueError(f"repa_layer must be between 1 and n_layer ({cfg.n_layer}), got {cfg.repa_layer}")
+            self.repa_proj = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, cfg.vit_width * cfg.vit_pool ** 2))
         head = DiffusionHead(cfg.token_dim, D, cfg.head_width, cfg.head_depth,
                              cfg.token_dim * (2 if cfg.learn_sigma else 1))
         if cfg.prediction == "flow":
@@ -814,9 +828,11 @@ class UniFluid(nn.Module):
         targets = [-100] * (len(und) + len(p) + 1) + a + [-100]        # position t predicts token t+1
         return [s[0] for s in seq], [s[1] for s in seq], targets
 
-    def make_batch(self, tasks, prompts, answers=None, gen_tokens=None, und_images=None, pad_multiple=1):
-        """Left-pad the rows of a mixed batch into tensors. gen_tokens (B, N, Dt) and und_images
-        (B, 3, H, W) are indexed by row; rows that do not use them may hold anything. The length is
+    def make_batch(self, tasks, prompts, answers=None, gen_tokens=None, und_images=None, pad_multiple=1,
+                   gen_images=None):
+        """Left-pad the rows of a mixed batch into tensors. gen_tokens (B, N, Dt), und_images and gen_images
+        (B, 3, H, W; the images gen_tokens encode, for REPA) are indexed by row; rows that do not use them may
+        hold anything. The length is
         rounded up to a multiple of pad_multiple (train.py: 16 under torch.compile, so that a few
         lengths, not every one, get their own compiled graph). gen_rows: the rows with an image block."""
         answers = answers or [""] * len(tasks)
@@ -830,6 +846,8 @@ class UniFluid(nn.Module):
         und_rows = torch.tensor([t in ("caption", "vqa", "edit") for t in tasks])
         if len(gen_rows) and gen_tokens is not None:
             batch["gen_tokens"], batch["gen_rows"] = gen_tokens[gen_rows], gen_rows
+            if gen_images is not None:
+                batch["gen_images"] = gen_images[gen_rows]
         if und_rows.any() and und_images is not None:
             batch["und_images"] = und_images[und_rows]
         return batch
@@ -890,8 +908,11 @@ class UniFluid(nn.Module):
             else:
                 img_mask = torch.ones(B, N, dtype=torch.bool, device=tokens.device)
             gen_in = self.gen_inputs(tokens, img_mask)
+        repa = self.repa_proj is not None and gen_in is not None and "gen_images" in batch
         h = self.llm(self.embed(ids, kind, gen_in, batch.get("und_images")), positions(kind),
-                     self.masks(kind, self.attn_impl))
+                     self.masks(kind, self.attn_impl), keep=cfg.repa_layer if repa else 0)
+        if repa:
+            h, h_mid = h
         # The positions that carry a loss. Eager: gathered (the least work). Under torch.compile: all of them,
         # weighted 0/1, so that no shape depends on the data and the graph never breaks (the same loss).
         zero = h.sum() * 0.0                                     # keeps the graph when a task is absent
@@ -906,8 +927,13 @@ class UniFluid(nn.Module):
             z = h[batch["gen_rows"], -tokens.shape[1]:]           # the decoder output z of each gen slot
             loss_image = self.diffusion.loss(tokens.flatten(0, 1), z.flatten(0, 1), cfg.diffusion_batch_mul,
                                              weight=img_mask.flatten())    # the masked slots (all in raster order)
-        return dict(loss=w * loss_image + (1 - w) * loss_text, loss_image=loss_image.detach(),
-                    loss_text=loss_text.detach())
+        loss = w * loss_image + (1 - w) * loss_text
+        if repa:                                                 # REPA: every gen slot, masked or not
+            with torch.no_grad():
+                target = self.vision(batch["gen_images"].to(h.dtype))             # (G, N, vit features)
+            pred = self.repa_proj(h_mid[batch["gen_rows"], -tokens.shape[1]:])
+            loss = loss + cfg.repa_weight * (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean())
+        return dict(loss=loss, loss_image=loss_image.detach(), loss_text=loss_text.detach())
 
     # -------------------------------------------------------------------------
     # 9. Generation

@@ -235,5 +235,12 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, 
         gen_tokens = tok.new_zeros(len(examples), *tok.shape[1:])
         gen_tokens[gen_rows] = tok
     und = torch.stack([e["input_image"] for e in examples])
-    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple)
+    gen_images = None
+    if cfg.repa_weight > 0 and gen_rows:   # REPA aligns with the ViT's features of the output images
+        gen_images = torch.stack([e["output_image"] for e in examples])
+        if not gen_images[gen_rows].any():
+            raise ValueError("repa_weight needs the output images, which these examples do not carry "
+                             "(--dataset latents stores only latents): train on the images or set repa_weight=0")
+    batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple,
+                             gen_images)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -401,6 +401,38 @@ def test_a_flow_head_refuses_the_ddpm_only_options():
     assert isinstance(tiny(prediction="flow").diffusion, FlowMatching)
 
 
+def test_repa_pulls_the_gen_slot_states_towards_the_vit_features_of_the_image():
+    """REPA: the loss adds repa_weight * (1 - cos) between an MLP of the gen slots' middle states and the
+    ViT's features of the image the tokens encode; training lowers it; the ViT gets no gradient from it."""
+    m = tiny(repa_weight=0.5, repa_layer=1)
+    b = batch_for(m, ["t2i", "t2i"], ["a red circle", "a blue square"])      # no row reads an und image
+    g = torch.Generator().manual_seed(1)
+    b["gen_images"] = torch.rand(2, 3, m.cfg.image_size, m.cfg.image_size, generator=g) * 2 - 1
+    plain = {k: v for k, v in b.items() if k != "gen_images"}        # the same batch without the images
+
+    def repa_term():
+        torch.manual_seed(0)
+        with_images = m(b)["loss"]
+        torch.manual_seed(0)
+        return (with_images - m(plain)["loss"]).item() / m.cfg.repa_weight
+    first = repa_term()
+    assert 0.5 < first < 1.5                                          # 1 - cos of unrelated vectors: ~1
+    m.vision.requires_grad_(False)                                    # what the REPA term alone changes
+    opt = torch.optim.AdamW(m.repa_proj.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = m(b)["loss"] - m(plain)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert repa_term() < first - 0.3
+    m.vision.requires_grad_(True)
+    m.zero_grad()
+    m(b)["loss"].backward()
+    assert all(p.grad is None for p in m.vision.parameters()) and m.repa_proj[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="same grid"):
+        tiny(repa_weight=0.5, vit_patch=4)
+
+
 def test_a_checkpoint_of_an_earlier_version_loads_or_says_why():
     m = tiny()
     old = dict(model=m.state_dict(), ema=None, tokenizer=m.tokenizer.state_dict(),   # fields since removed:
