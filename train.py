@@ -210,8 +210,7 @@ def main(argv=None):
     if run.start_step:
         log(f"resuming at step {run.start_step}: skipping the {run.start_step * run.global_batch} examples already seen")
     with dataset_errors():
-        run.feed = step_examples(args, run.shards, run.start_step, run.rows, args.workers,   # a CPU's VAE runs
-                                 vae if device.type == "cpu" else None)                   # where examples are drawn
+        run.feed = step_examples(args, run.shards, run.start_step, run.rows, args.workers)
         if runs_eval:
             fixed_prompts, fixed_und = fixed_examples(args)
             vbatches = val_batches(args, raw_model, vae, device, log=log)

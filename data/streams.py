@@ -98,46 +98,26 @@ class StepExamples(torch.utils.data.IterableDataset):
     the readers have skipped so far). A dataset error (FileNotFoundError, ValueError) is passed on as the
     next item, so that it reaches train.py as one sentence also from a worker process."""
 
-    def __init__(self, args, shards, start_step, rows, vae=None):
-        self.args, self.shards, self.start_step, self.rows, self.vae = args, list(shards), start_step, rows, vae
+    def __init__(self, args, shards, start_step, rows):
+        self.args, self.shards, self.start_step, self.rows = args, list(shards), start_step, rows
 
     def __iter__(self):
         try:
             streams = [TaskStreams(self.args, s, self.args.grad_accum, self.start_step, self.rows) for s in self.shards]
             while True:
-                batches = [st.take(sum(self.rows.values())) for st in streams]
-                if self.vae is not None:
-                    for b in batches:
-                        attach_latents(self.vae, b)
-                yield batches, sum(st.skipped() for st in streams)
+                yield [st.take(sum(self.rows.values())) for st in streams], sum(st.skipped() for st in streams)
         except (FileNotFoundError, ValueError) as e:
             yield e
 
 
-def attach_latents(vae, examples):
-    """Adds to each example output_latent and output_latent_std, the VAE posterior's mean and std of its
-    output image (scaled; zeros for rows that generate nothing), so that encode_batch draws the latent from
-    them instead of running the VAE (the same draw: mean + std * noise from the step's generator)."""
-    gen = [e["task"] in ("t2i", "edit") for e in examples]
-    if not any(gen) or "output_latent" in examples[0]:     # nothing to encode, or pre-encoded (--dataset latents)
-        return
-    with torch.no_grad():
-        mean, logvar = vae.posterior(torch.stack([e["output_image"] for e, g in zip(examples, gen) if g]))
-    latents = iter(zip(mean * vae.scale_factor, torch.exp(0.5 * logvar) * vae.scale_factor))
-    zero = mean.new_zeros(mean.shape[1:])
-    for e, g in zip(examples, gen):
-        e["output_latent"], e["output_latent_std"] = next(latents) if g else (zero, zero)
-
-
-def step_examples(args, shards, start_step, rows, workers=1, vae=None):
+def step_examples(args, shards, start_step, rows, workers=1):
     """An endless iterator over StepExamples. workers=1: a DataLoader worker process draws the next two
     steps' examples while this process computes (drawing scenes and decoding JPEGs are serial Python,
     which a second core runs beside the step); 0: drawn here, in turn with the step. The examples are the
-    same either way. With a vae (train.py passes it on a CPU), the output images are also encoded there
-    (attach_latents): in the worker, a second core runs the VAE beside the step. Images cross the process
-    boundary as numpy arrays (pickled, no shared memory per tensor). Closing the iterator stops the worker;
-    train.py closes it when the run ends (also on an error), and one still open is closed when Python exits."""
-    feed = _step_examples(StepExamples(args, shards, start_step, rows, vae), workers)
+    same either way. Images cross the process boundary as numpy arrays (pickled, no shared memory per
+    tensor). Closing the iterator stops the worker; train.py closes it when the run ends (also on an
+    error), and one still open is closed when Python exits."""
+    feed = _step_examples(StepExamples(args, shards, start_step, rows), workers)
     if workers:
         _OPEN_FEEDS.add(feed)
     return feed
@@ -212,8 +192,7 @@ def rows_per_task(mix, n):
 
 def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, pad_multiple=1, sample=False):
     """Examples -> model tensors. Output images are VAE-encoded here (no grad), so the step time includes it,
-    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`;
-    or encoded as they were drawn, attach_latents).
+    unless the examples carry their latents (--dataset latents: encoded once by `python vae.py --encode`).
     sample=True (training) takes a draw from the VAE posterior, as MAR does, instead of its mean."""
     cfg = model.cfg
     tasks = [e["task"] for e in examples]
@@ -221,7 +200,7 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, 
     gen_rows = [i for i, t in enumerate(tasks) if t in ("t2i", "edit")]
     gen_tokens = None
     if gen_rows:
-        if "output_latent" in examples[0]:   # pre-encoded (--dataset latents) or by attach_latents
+        if "output_latent" in examples[0]:
             lat = torch.stack([examples[i]["output_latent"] for i in gen_rows])
             if sample and "output_latent_std" in examples[0]:   # latents stored with their posterior's std
                 std = torch.stack([examples[i]["output_latent_std"] for i in gen_rows])

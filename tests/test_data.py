@@ -519,24 +519,3 @@ def test_evaluate_shapes_scores_each_vqa_kind_on_its_own_questions():
         out = evaluate_with(lambda k, item, truth, other: truth if k != "vqa" or S.vqa_kind(item["question"]) in right
                             else other)
         assert {k: out[f"vqa/{k}"] == 1.0 for k in kinds} == {k: k in right for k in kinds}, out
-
-
-def test_latents_encoded_where_examples_are_drawn_give_the_step_the_same_batch():
-    """train.py on a CPU encodes output images as they are drawn (in the data worker, attach_latents);
-    encode_batch then draws the same latents from the same generator as when it runs the VAE itself."""
-    from unifluid import Config, UniFluid
-    from vae import AutoencoderKL, VAEConfig
-    from data.streams import attach_latents, encode_batch
-    vae = AutoencoderKL(VAEConfig.preset("shapes", ch=8, norm_groups=4)).eval()
-    model = UniFluid(Config.preset("tiny"))
-    ds = build_dataset("shapes", resolution=32, tasks={"t2i": 0.4, "caption": 0.3, "edit": 0.3}, seed=3)
-    examples = [e for e, _ in zip(ds, range(12))]
-    assert {e["task"] for e in examples} == {"t2i", "caption", "edit"}
-    batch = lambda ex: encode_batch(model, vae, ex, "cpu", torch.Generator().manual_seed(5), 0.1, sample=True)
-    want = batch(examples)
-    attach_latents(vae, examples)
-    assert all(e["output_latent"].shape == (4, 8, 8) for e in examples)
-    got = batch(examples)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.allclose(want[k].float(), got[k].float(), atol=1e-5), k
