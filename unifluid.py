@@ -145,9 +145,9 @@ PRESETS = {
                  vit_layers=1, vit_heads=2, vit_mlp=64, head_width=64, head_depth=2, max_text_len=16),
     # the CPU quickstart: 16 tokens of 16 dims, the width that did best at equal CPU time (docs/log.md).
     # Mask ratios near uniform on [0, 1] instead of MAR's [0.7, 1]: with 16 slots, MAR's ratios never show
-    # the model more than 4 known tokens, while sampling conditions on up to 15. v-prediction: at this size
-    # and budget its tokens are far cleaner than eps's. Both were screened (docs/log.md).
-    "small": dict(d_model=96, d_ff=384, head_dim=24, head_width=128, img_input_ln=True, prediction="v",
+    # the model more than 4 known tokens, while sampling conditions on up to 15. A flow head: at this size
+    # and budget it generates better than v-prediction, which beat eps. All were screened (docs/log.md).
+    "small": dict(d_model=96, d_ff=384, head_dim=24, head_width=128, img_input_ln=True, prediction="flow",
                   mask_ratio_min=0.0, mask_ratio_std=1.0),
     # one GPU, a few hundred M parameters, 64 px images
     "base": dict(n_layer=16, d_model=1024, n_head=8, n_kv_head=4, head_dim=128, d_ff=4096,
@@ -940,13 +940,14 @@ class UniFluid(nn.Module):
 
     def sampler_defaults(self, temperature=1.0, sampler=None, diffusion_steps=None):
         """-> (sampler, head steps), filling in what is None: the deterministic ddim sampler in 10 steps for a
-        v-prediction or flow head at temperature 1, else MAR's ancestral ddpm in 50 (docs/sampling.md: ddim
-        holds a v head's accuracy at a fifth of the steps, and carries an eps head's error at t = T to the end)."""
+        v-prediction or flow head at temperature 1, else MAR's ancestral ddpm in 20 (MAR: 100). Measured
+        (docs/sampling.md): trained heads lose no accuracy at these counts, and ddim carries an eps head's
+        error at t = T to the end, where ddpm's noise washes it out."""
         sampler = sampler or ("ddim" if self.cfg.prediction in ("v", "flow") and temperature == 1.0 else "ddpm")
-        return sampler, diffusion_steps or (10 if sampler == "ddim" else 50)
+        return sampler, diffusion_steps or (10 if sampler == "ddim" else 20)
 
     @torch.no_grad()
-    def generate_images(self, prompts, num_iter=16, guidance=3.0, temperature=1.0, diffusion_steps=None,
+    def generate_images(self, prompts, num_iter=12, guidance=3.0, temperature=1.0, diffusion_steps=None,
                         und_images=None, generator=None, use_cache=True, batch_cfg=True, on_step=None, sampler=None):
         """Text (and, for editing, an input image) -> latent grids (B, C, h, w).
         MAR sampling: all N slots start masked; at step k the slots still masked follow

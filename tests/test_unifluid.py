@@ -326,10 +326,10 @@ def test_sampler_draws_as_mars():
 
 
 def test_sampler_defaults_follow_the_head():
-    """ddim in 10 steps only where it holds accuracy (a v head, temperature 1); MAR's ddpm in 50 otherwise."""
+    """ddim in 10 steps only where it holds accuracy (a v or flow head, temperature 1); ancestral ddpm in 20 otherwise."""
     v, eps = tiny(prediction="v"), tiny()
-    assert v.sampler_defaults() == ("ddim", 10) and v.sampler_defaults(0.9) == ("ddpm", 50)
-    assert eps.sampler_defaults() == ("ddpm", 50)
+    assert v.sampler_defaults() == ("ddim", 10) and v.sampler_defaults(0.9) == ("ddpm", 20)
+    assert eps.sampler_defaults() == ("ddpm", 20)
     assert eps.sampler_defaults(1.0, "ddim", 7) == ("ddim", 7) and v.sampler_defaults(1.0, None, 30) == ("ddim", 30)
 
 
