@@ -665,6 +665,7 @@ class GaussianDiffusion(nn.Module):
             x = mean + std * temperature * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
+
 class FlowMatching(nn.Module):
     """Rectified flow over one token (Liu et al.; Lipman et al.; Stable Diffusion 3), the alternative to
     GaussianDiffusion with the same head and the same two entry points. The path is straight,

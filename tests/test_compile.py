@@ -33,9 +33,9 @@ def fresh_dynamo():
     torch.compiler.reset()
 
 
-def tiny():
+def tiny(**kw):
     torch.manual_seed(0)
-    return UniFluid(Config.preset("tiny"))
+    return UniFluid(Config.preset("tiny", **kw))
 
 
 def mixed_batch(model, seed, words=(1, 6)):
@@ -59,8 +59,9 @@ def loss_and_grads(model, batch, seed, call=None):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_training_step_equals_eager_one_graph_per_length_no_breaks(fresh_dynamo):
-    model = tiny()
+@pytest.mark.parametrize("prediction", ["eps", "flow"])    # MAR's DDPM head and the quickstart's flow head
+def test_compiled_training_step_equals_eager_one_graph_per_length_no_breaks(fresh_dynamo, prediction):
+    model = tiny(prediction=prediction)
     compiled = torch.compile(model, dynamic=False)
     lengths = set()
     for i in range(8):                   # one-word and 4-6-word texts: two padded lengths, in turn
