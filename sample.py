@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="noise temperature of the diffusion head")
     p.add_argument("--num_iter", type=positive(int), default=12, help="reveal steps of random-order sampling")
     p.add_argument("--diffusion_steps", type=positive(int),
-                   help="diffusion head steps per token (default: 10 with ddim, 50 with ddpm)")
+                   help="diffusion head steps per token (default: 10 with ddim, 20 with ddpm)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="diffusion head sampler: ancestral ddpm (MAR's) or deterministic ddim (temperature 1 only); "
                         "default: ddim for a v-prediction or flow head at temperature 1, else ddpm (docs/sampling.md)")
