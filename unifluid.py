@@ -525,6 +525,37 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
                                    (cdf_plus - cdf_min).clamp(min=1e-12).log()))
 
 
+def weighted_tokens(weight, mul, *xs):
+    """The tokens a diffusion loss trains on, each of xs (n * mul, ...) being mul copies of n tokens and
+    weight (n,) 0/1 or None. -> (xs, weight): eager, only the weighted tokens are kept (and weight is None);
+    under torch.compile all of them, weight repeated mul times, so that no shape depends on the data. Both
+    draw the same random numbers and give the same loss."""
+    if weight is None:
+        return xs, None
+    weight = weight.float().repeat(mul)
+    if torch.compiler.is_compiling():
+        return xs, weight
+    keep = weight > 0
+    return tuple(x[keep] for x in xs), None
+
+
+SAMPLERS = ("ddpm", "ddim")   # how a head draws a token: ancestral or deterministic (GaussianDiffusion.sample)
+
+
+def guidance_rows(z, temperature, guidance, sampler):
+    """What both heads' sample() check and set up first: -> (guided, the number of tokens to draw, guidance
+    as a float or an (n, 1) tensor). ValueError for an unknown sampler or a temperature ddim cannot apply."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
+    if sampler == "ddim" and temperature != 1.0:
+        raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
+                         f"use temperature 1 or the ddpm sampler")
+    guided = guidance is not None
+    if guided and torch.is_tensor(guidance):
+        guidance = guidance.to(z.device, torch.float32).view(-1, 1)
+    return guided, z.shape[0] // 2 if guided else z.shape[0], guidance
+
+
 class GaussianDiffusion(nn.Module):
     """DDPM over one token (cosine schedule); two entry points, as MAR's DiffLoss: loss and sample.
     prediction: the head predicts the noise eps (MAR, DDPM) or v = sqrt(a) eps - sqrt(1 - a) x0
@@ -574,11 +605,7 @@ class GaussianDiffusion(nn.Module):
         else:
             t = torch.randint(0, self.steps, (target.shape[0],), device=target.device)
         noise = torch.randn_like(target)
-        if weight is not None:
-            weight = weight.float().repeat(mul)
-            if not torch.compiler.is_compiling():
-                keep = weight > 0
-                target, z, t, noise, weight = target[keep], z[keep], t[keep], noise[keep], None
+        (target, z, t, noise), weight = weighted_tokens(weight, mul, target, z, t, noise)
         a = self.acp[t].unsqueeze(1)
         x_t = a.sqrt() * target + (1 - a).sqrt() * noise
         out = self.head(x_t.to(z.dtype), t, self.head.condition(z)).float()
@@ -602,7 +629,6 @@ class GaussianDiffusion(nn.Module):
             loss = loss + torch.where(i == 0, nll, kl).mean(1) / math.log(2)
         return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp(min=1)
 
-    SAMPLERS = ("ddpm", "ddim")
     # The predicted clean token is clamped to [-clip_x0, clip_x0] while sampling. MAR does not clip (None
     # reproduces its sampler): with eps prediction x0 = (x_t - sqrt(1 - acp) eps) / sqrt(acp) multiplies
     # the head's error by ~2e4 at t = T, and an imperfect eps head then leaves the data's range for good
@@ -621,15 +647,7 @@ class GaussianDiffusion(nn.Module):
           ddim: the deterministic DDIM update (eta 0): the same predicted clean token and noise at every
                 step, no noise added, so there is nothing for a temperature to scale and it must be 1.
         The predicted clean token is clamped to clip_x0 (MAR: no clamp)."""
-        if sampler not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
-        if sampler == "ddim" and temperature != 1.0:
-            raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
-                             f"use temperature 1 or the ddpm sampler")
-        guided = guidance is not None
-        n = z.shape[0] // 2 if guided else z.shape[0]
-        if guided and torch.is_tensor(guidance):
-            guidance = guidance.to(z.device, torch.float32).view(-1, 1)
+        guided, n, guidance = guidance_rows(z, temperature, guidance, sampler)
         ts = torch.linspace(0, self.steps - 1, num_steps, device=z.device).round().long()
         acp = self.acp[ts].double().tolist()       # per-step coefficients as Python floats: no tensor op each
         x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
@@ -679,7 +697,7 @@ class FlowMatching(nn.Module):
             (1 - s) x0 + s r eps, std s sqrt(1 - r^2) with r = (1 - t) s / ((1 - s) t), its noise scaled by
             temperature (MAR's meaning); DDPM's posterior step in the same terms.
     x0 and eps are the head's prediction turned round: x0 = x_t - t u, eps = x_t + (1 - t) u."""
-    SAMPLERS, clip_x0 = GaussianDiffusion.SAMPLERS, GaussianDiffusion.clip_x0
+    clip_x0 = GaussianDiffusion.clip_x0
 
     def __init__(self, head, t_sampling="uniform"):
         super().__init__()
@@ -695,11 +713,7 @@ class FlowMatching(nn.Module):
         else:
             t = torch.rand(target.shape[0], device=target.device)
         noise = torch.randn_like(target)
-        if weight is not None:
-            weight = weight.float().repeat(mul)
-            if not torch.compiler.is_compiling():
-                keep = weight > 0
-                target, z, t, noise, weight = target[keep], z[keep], t[keep], noise[keep], None
+        (target, z, t, noise), weight = weighted_tokens(weight, mul, target, z, t, noise)
         x_t = (1 - t[:, None]) * target + t[:, None] * noise
         u = self.head(x_t.to(z.dtype), 1000 * t, self.head.condition(z)).float()
         loss = (u - (noise - target).float()).pow(2).mean(1)
@@ -708,15 +722,7 @@ class FlowMatching(nn.Module):
     @torch.no_grad()
     def sample(self, z, num_steps=100, temperature=1.0, guidance=None, generator=None, sampler="ddpm"):
         """As GaussianDiffusion.sample (guidance u_u + guidance (u_c - u_u)), on the straight path."""
-        if sampler not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
-        if sampler == "ddim" and temperature != 1.0:
-            raise ValueError(f"the ddim sampler adds no noise for a temperature to scale (got {temperature}): "
-                             f"use temperature 1 or the ddpm sampler")
-        guided = guidance is not None
-        n = z.shape[0] // 2 if guided else z.shape[0]
-        if guided and torch.is_tensor(guidance):
-            guidance = guidance.to(z.device, torch.float32).view(-1, 1)
+        guided, n, guidance = guidance_rows(z, temperature, guidance, sampler)
         ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()   # t = 1, ..., 0 as floats
         x = torch.randn(n, self.head.token_dim, generator=generator, device=z.device)
         c = self.head.condition(z)
