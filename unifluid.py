@@ -198,6 +198,11 @@ def rope(x, pos, base):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
 
 
+def take_rows(x, rows):
+    """x (B, T, D), rows (B, k) positions -> (B, k, D)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
 class KVCache:
     """Pre-allocated keys/values for every layer, written in place by position (gemma_pytorch)."""
     def __init__(self, cfg, batch, max_len, device, dtype):
@@ -219,15 +224,20 @@ class Attention(nn.Module):
         self.rope_base = cfg.rope_base if cfg.layer_is_global(layer) else cfg.rope_local_base
         self.scale = (cfg.query_scale or cfg.head_dim) ** -0.5
 
-    def forward(self, x, pos, mask, cache=None, start=0):
+    def forward(self, x, pos, mask, cache=None, start=0, rows=None):
+        """rows (B, k), optional: queries only at these positions of x (keys and values at all of them)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)          # (B, H, T, hd)
+        pos_q = pos if rows is None else pos.gather(1, rows)
+        if rows is not None and not callable(mask):
+            mask = mask.expand(B, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+        xq = x if rows is None else take_rows(x, rows)
+        q = self.q_proj(xq).view(B, xq.shape[1], -1, hd).transpose(1, 2)  # (B, H, Tq, hd)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)          # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        q, k = rope(q, pos_q, self.rope_base), rope(k, pos, self.rope_base)
         if cache is not None:                                          # write in place, read the prefix
             cache.k[self.layer][:, :, start:start + T] = k
             cache.v[self.layer][:, :, start:start + T] = v
@@ -244,7 +254,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=k.shape[1] != q.shape[1])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -272,10 +282,11 @@ class Block(nn.Module):
         self.post_feedforward_layernorm = sandwich()
         self.is_global, self.dropout = cfg.layer_is_global(layer), cfg.dropout
 
-    def forward(self, x, pos, masks, cache=None, start=0):
+    def forward(self, x, pos, masks, cache=None, start=0, rows=None):
         mask = masks["global" if self.is_global else "local"]
         drop = lambda y: F.dropout(y, self.dropout, self.training) if self.dropout > 0 else y
-        x = x + drop(self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, mask, cache, start)))
+        a = self.self_attn(self.input_layernorm(x), pos, mask, cache, start, rows)
+        x = (x if rows is None else take_rows(x, rows)) + drop(self.post_attention_layernorm(a))
         return x + drop(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
 
 
@@ -293,13 +304,15 @@ class Gemma(nn.Module):
         e = self.embed_tokens(ids)
         return e * torch.tensor(self.cfg.d_model ** 0.5, dtype=e.dtype)
 
-    def forward(self, x, pos, masks, cache=None, start=0, keep=0):
-        """-> the final states; with keep = k > 0, also the states after the first k blocks (REPA)."""
+    def forward(self, x, pos, masks, cache=None, start=0, keep=0, rows=None):
+        """-> the final states; with keep = k > 0, also the states after the first k blocks (REPA). rows (B, k),
+        optional: the final states only at these positions of x, (B, k, D); the last block computes only them
+        (sampling needs the states of the slots it reveals; nanoGPT's generate does the same for its lm_head)."""
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, pos, masks, use_reentrant=False)
             else:
-                x = layer(x, pos, masks, cache, start)
+                x = layer(x, pos, masks, cache, start, rows if i == len(self.layers) - 1 else None)
             if i + 1 == keep:
                 kept = x
         return (self.norm(x), kept) if keep else self.norm(x)
@@ -985,15 +998,15 @@ class UniFluid(nn.Module):
             prefix = self.embed(ids[:, :P], kind[:, :P], None, und)
             self.llm(prefix, pos[:, :P], {k: m[:, :, :P, :P] for k, m in masks.items()}, cache, 0)
 
-        def trunk(gen_in):               # -> z of the image block (rows, N, D)
+        def trunk(gen_in, slots):        # -> z of the given image slots (rows, k, D); slots (rows, k)
             if use_cache:
-                return self.llm(gen_in, pos[:, P:], {k: m[:, :, P:] for k, m in masks.items()}, cache, P)
+                return self.llm(gen_in, pos[:, P:], {k: m[:, :, P:] for k, m in masks.items()}, cache, P, rows=slots)
             if guided and not batch_cfg:   # naive: cond and uncond rows as two separate passes
                 half = lambda x, i: x[i * B:(i + 1) * B] if x is not None else None
                 return torch.cat([self.llm(self.embed(half(ids, i), half(kind, i), half(gen_in, i), half(und, i)),
-                                           half(pos, i), {k: half(m, i) for k, m in masks.items()})[:, P:]
-                                  for i in range(2)])
-            return self.llm(self.embed(ids, kind, gen_in, und), pos, masks)[:, P:]
+                                           half(pos, i), {k: half(m, i) for k, m in masks.items()},
+                                           rows=half(slots, i) + P) for i in range(2)])
+            return self.llm(self.embed(ids, kind, gen_in, und), pos, masks, rows=slots + P)
 
         tokens = torch.zeros(B, N, cfg.token_dim, device=dev)
         mask = torch.ones(B, N, dtype=torch.bool, device=dev)
@@ -1001,20 +1014,20 @@ class UniFluid(nn.Module):
             steps, orders = N, torch.arange(N - 1, -1, -1, device=dev).expand(B, N)  # last slots masked longest
         else:
             steps, orders = num_iter, random_orders(B, N, generator, dev)
+        rows = lambda x: torch.cat([x, x]) if guided else x
         for k in range(steps):
-            rows = lambda x: torch.cat([x, x]) if guided else x
-            z = trunk(rows(self.gen_inputs(tokens, mask)))
             if cfg.order == "raster":
                 mask_len = N - k - 1
             else:                        # MAR keeps >= 1 slot masked in this count, the last step's too, where
                 mask_len = int(math.floor(N * math.cos(math.pi / 2 * (k + 1) / steps)))   # it sets only
                 mask_len = max(1, min(int(mask.sum(1).min()) - 1, mask_len))              # the guidance
             new_mask = mask_by_order(mask_len, orders) if k < steps - 1 else torch.zeros_like(mask)
-            reveal = mask & ~new_mask                                              # (B, N)
+            reveal = mask & ~new_mask                      # (B, N), the same count in every row
             scale = 1 + (guidance - 1) * (N - mask_len) / N
-            zr = z[:B][reveal]
-            if guided:
-                zr = torch.cat([zr, z[B:][reveal]])
+            slots = reveal.nonzero()[:, 1].view(B, -1)     # the revealed slots, row by row, ascending
+            # every slot's state feeds the others through attention, but only the revealed ones reach the head
+            z = trunk(rows(self.gen_inputs(tokens, mask)), rows(slots))          # (rows, k, D)
+            zr = z.reshape(-1, z.shape[-1])                # cond rows' tokens, then the uncond rows'
             out = self.diffusion.sample(zr, diffusion_steps, temperature, scale if guided else None, generator,
                                         sampler)
             tokens = tokens.clone()

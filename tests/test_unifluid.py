@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unifluid import (KIND_PAD, KIND_TEXT, KIND_UND, ByteTokenizer, Config, DiffusionHead,
-                      FlowMatching, GaussianDiffusion, Gemma, UniFluid, WordTokenizer, attention_mask,
+                      FlowMatching, GaussianDiffusion, Gemma, KVCache, UniFluid, WordTokenizer, attention_mask,
                       estimate_flops_per_example, mean_mask_ratio, patchify, positions, random_masking,
                       unpatchify)
 
@@ -120,6 +120,28 @@ def test_kv_cached_text_decoding_matches_full_recomputation():
     t2, l2 = m.generate_text(img, ["", "what color is it?"], max_new_tokens=12, use_cache=False, return_logits=True)
     assert t1 == t2
     assert l1.shape == l2.shape and (l1 - l2).abs().max() < 1e-5
+
+
+def test_decoder_states_at_chosen_rows_equal_the_full_pass_at_those_rows():
+    """Sampling asks the decoder only for the slots it reveals (rows=): the last block then computes only
+    them, with and without the prefix cache, and must give what the full pass gives there."""
+    m = tiny().eval()
+    b = batch_for(m, ["t2i", "t2i"], ["a red circle", "two blue squares"], ["", ""])
+    kind = b["kind"]
+    N = m.cfg.num_image_tokens
+    T, P = kind.shape[1], kind.shape[1] - N
+    gen_in = m.gen_inputs(torch.randn(2, N, m.cfg.token_dim), torch.rand(2, N) < 0.5)   # some slots masked
+    x, pos, masks = m.embed(b["ids"], kind, gen_in), positions(kind), m.masks(kind)
+    slots = torch.stack([torch.randperm(N)[:5].sort().values for _ in range(2)])   # (B, 5) image slots
+    with torch.no_grad():
+        full = m.llm(x, pos, masks)
+        want = full[torch.arange(2)[:, None], slots + P]
+        got = m.llm(x, pos, masks, rows=slots + P)
+        cache = KVCache(m.cfg, 2, T, "cpu", x.dtype)
+        m.llm(x[:, :P], pos[:, :P], {k: v[:, :, :P, :P] for k, v in masks.items()}, cache, 0)
+        cached = m.llm(x[:, P:], pos[:, P:], {k: v[:, :, P:] for k, v in masks.items()}, cache, P, rows=slots)
+    assert got.shape == (2, 5, m.cfg.d_model)
+    assert (got - want).abs().max() < 1e-5 and (cached - want).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
