@@ -228,10 +228,12 @@ class Attention(nn.Module):
         """rows (B, k), optional: queries only at these positions of x (keys and values at all of them)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        pos_q = pos if rows is None else pos.gather(1, rows)
-        if rows is not None and not callable(mask):
-            mask = mask.expand(B, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-        xq = x if rows is None else take_rows(x, rows)
+        xq, pos_q = x, pos
+        if rows is not None:                                           # the mask's query rows follow them
+            if callable(mask):
+                raise ValueError("rows= needs a tensor attention mask (SDPA), not a FlexAttention block mask")
+            xq, pos_q = take_rows(x, rows), pos.gather(1, rows)
+            mask = take_rows(mask.expand(B, -1, -1, -1)[:, 0], rows)[:, None]   # (B, 1, k, S)
         q = self.q_proj(xq).view(B, xq.shape[1], -1, hd).transpose(1, 2)  # (B, H, Tq, hd)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)          # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
