@@ -66,6 +66,8 @@ class Config:
     vit_layers: int = 2
     vit_heads: int = 4
     vit_mlp: int = 512
+    vit_stem: int = 0              # 3x3 stride-2 convolutions before the patch embedding (Xiao et al. 2021,
+                                   # "Early convolutions help transformers see better"); 0 = SigLIP's linear patches
     # generated image tokens (VAE latents)
     latent_size: int = 8           # latent grid side (image_size / VAE downsampling)
     latent_channels: int = 4       # VAE latent channels
@@ -392,15 +394,23 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d, n, self.pool = cfg.vit_width, cfg.num_vit_tokens, cfg.vit_pool
-        self.embeddings = nn.Module()
-        self.embeddings.patch_embedding = nn.Conv2d(3, d, cfg.vit_patch, stride=cfg.vit_patch)
+        self.embeddings, c, stem = nn.Module(), 3, []
+        if cfg.vit_patch % 2 ** cfg.vit_stem:
+            raise ValueError(f"vit_stem={cfg.vit_stem} halves the image {cfg.vit_stem} times, which vit_patch="
+                             f"{cfg.vit_patch} must allow: choose vit_patch divisible by {2 ** cfg.vit_stem}")
+        for i in range(cfg.vit_stem):  # widths d/2^k, ..., d/2; each halves the side
+            stem += [nn.Conv2d(c, d >> (cfg.vit_stem - i), 3, stride=2, padding=1), nn.GELU()]
+            c = d >> (cfg.vit_stem - i)
+        self.embeddings.stem = nn.Sequential(*stem)        # no weights (the identity) when vit_stem = 0
+        p = cfg.vit_patch >> cfg.vit_stem                   # what is left of a patch after the stem
+        self.embeddings.patch_embedding = nn.Conv2d(c, d, p, stride=p)
         self.embeddings.position_embedding = nn.Embedding(n, d)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(ViTLayer(d, cfg.vit_heads, cfg.vit_mlp) for _ in range(cfg.vit_layers))
         self.post_layernorm = nn.LayerNorm(d, eps=1e-6)
 
     def forward(self, images):         # (B, 3, H, W) in [-1, 1] -> (B, M, vit_width * vit_pool^2)
-        x = self.embeddings.patch_embedding(images)
+        x = self.embeddings.patch_embedding(self.embeddings.stem(images))
         B, d, h, w = x.shape
         x = x.flatten(2).transpose(1, 2) + self.embeddings.position_embedding.weight
         for layer in self.encoder.layers:
