@@ -536,6 +536,25 @@ def test_vit_pool_concatenates_neighbouring_patches_into_one_slot():
     assert torch.isfinite(m(b)["loss"])
 
 
+def test_vit_stem_convolves_before_the_patch_embedding_and_keeps_the_slots():
+    cfg = replace(Config.preset("tiny"), image_size=32, vit_patch=8, vit_stem=2)
+    m = UniFluid(cfg).eval()
+    convs = [l for l in m.vision.embeddings.stem if isinstance(l, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(3, 8, (2, 2)), (8, 16, (2, 2))]
+    assert m.vision.embeddings.patch_embedding.kernel_size == (2, 2)   # 8 px patches = two halvings, then 2
+    x = torch.randn(2, 3, 32, 32)
+    assert m.vision(x).shape == (2, cfg.num_und_tokens, cfg.vit_width)
+    y = x.clone()
+    y[:, :, 16:, 16:] = 0                        # the stem is local: the top-left slot does not see that corner
+    assert torch.equal(m.vision.embeddings.stem(x)[..., :4, :4], m.vision.embeddings.stem(y)[..., :4, :4])
+    b = batch_for(m, ["caption", "vqa"], ["", "what color is the circle"], ["a red circle", "red"])
+    m(b)["loss"].backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in convs)
+    assert not any("stem" in k for k in UniFluid(Config.preset("tiny")).state_dict())   # off: SigLIP's names only
+    with pytest.raises(ValueError, match="vit_patch"):
+        UniFluid(replace(cfg, vit_patch=6))
+
+
 def test_dropout_is_active_in_training_only():
     m = tiny(dropout=0.5)
     b = batch_for(m, ["vqa"], ["what color?"], ["red"])
