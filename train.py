@@ -51,6 +51,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
@@ -104,6 +106,9 @@ def build_parser():
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
                                                     "empty = the from-scratch ViT of the preset")
     g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
+    g.add_argument("--vit_pretrain", type=non_negative(int), default=500, help="steps of SigLIP-style pretraining "
+                   "of the from-scratch ViT on the run's captions before joint training (README, Training); 0 = off")
+    g.add_argument("--vit_pretrain_batch", type=positive_int, default=256, help="image-caption pairs per step of it")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
@@ -420,6 +425,9 @@ def build_run(args, device, ddp, local_rank, world, log):
         cfg = model_config(args, vae, gemma, siglip)
     order = args.order if ckpt is None or "order" in args.explicit else cfg.order   # fine-tuning keeps its order
     cfg = replace(cfg, order=order, image_weight=args.image_weight)   # the one place the loss weight is set
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     torch.manual_seed(args.seed)         # every rank builds the same initial weights
     model = UniFluid(cfg, tokenizer).to("cpu" if args.fsdp else device)   # FSDP moves only its shards to the GPU
     model.llm.checkpointing = args.grad_checkpoint
@@ -440,6 +448,8 @@ def build_run(args, device, ddp, local_rank, world, log):
                 log(f"understanding encoder: SigLIP weights from {args.und_encoder}")
         except ValueError as e:
             raise SystemExit(f"train.py: error: {e}") from None
+        if not siglip and args.vit_pretrain:   # every rank: same seed, same data, same weights
+            pretrain_vision(model, args, device, ctx, log)
         del gemma, siglip
     if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen
         model.vision.requires_grad_(False)
@@ -456,9 +466,6 @@ def build_run(args, device, ddp, local_rank, world, log):
         set_rng_state(ckpt["rng"])
     del ckpt
 
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     raw_model, cfg = model, model.cfg    # the config with vocab_size set from the tokenizer
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if compiled:                         # static shapes: one graph per padded length (docs/performance.md)
@@ -603,6 +610,59 @@ def setup_vae(args, device, is_master, log):
         if not os.path.exists(spec):
             raise SystemExit(f"train.py: error: --vae {args.vae}: no such file (train one with python vae.py)")
     return spec, load_vae(spec, device)
+
+
+def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=1e-3):
+    """Pretrain the from-scratch understanding ViT SigLIP-style, as UniFluid starts from a pretrained SigLIP:
+    the sigmoid loss (Zhai et al. 2023) pairs each image's mean-pooled ViT outputs with its caption's, from a
+    small text transformer that is dropped afterwards. The text loss of joint training alone teaches the
+    ViT too little of what it sees (docs/log.md, 2026-12-03)."""
+    from data import build_dataset
+    from tqdm import tqdm
+    vit, tok, B, steps = model.vision, model.tokenizer, args.vit_pretrain_batch, args.vit_pretrain
+    home = next(vit.parameters()).device         # FSDP builds the model on the CPU: pretrain on the device
+    vit.to(device)
+    with dataset_errors():
+        examples = iter(build_dataset(args.dataset, data_dir=args.data_dir, split="train", resolution=args.resolution,
+                                      seed=args.seed, tasks={"caption": 1.0}, holdout=args.holdout))
+    layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+    text = nn.ModuleDict(dict(embed=nn.Embedding(tok.vocab_size, width), pos=nn.Embedding(max_len, width),
+                              layers=nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                              proj=nn.Linear(width, width),
+                              image_proj=nn.Linear(model.cfg.vit_width * model.cfg.vit_pool ** 2, width))).to(device)
+    scale = nn.Parameter(torch.tensor(math.log(10.0), device=device))    # SigLIP's initial t' and b
+    bias = nn.Parameter(torch.tensor(-10.0, device=device))
+    opt = torch.optim.AdamW([*vit.parameters(), *text.parameters(), scale, bias], lr=lr, weight_decay=args.weight_decay)
+    labels = 2 * torch.eye(B, device=device) - 1                 # +1 for an image's own caption, -1 for the others
+    warmup, t0, first = max(1, min(100, steps // 5)), time.time(), None
+    for step in tqdm(range(steps), desc="vit", disable=dist.is_initialized() and dist.get_rank() > 0, leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        with dataset_errors():
+            batch = [next(examples) for _ in range(B)]
+        ids = [tok.encode(e["answer"])[:max_len] or [tok.pad_id] for e in batch]
+        tokens = torch.full((B, max(map(len, ids))), tok.pad_id, dtype=torch.long)
+        for i, row in enumerate(ids):
+            tokens[i, :len(row)] = torch.tensor(row)
+        real = torch.arange(tokens.shape[1]) < torch.tensor([len(row) for row in ids])[:, None]   # not padding
+        tokens, real = tokens.to(device), real.to(device)
+        with ctx:
+            h = text["layers"](text["embed"](tokens) + text["pos"].weight[:tokens.shape[1]], src_key_padding_mask=~real)
+            zt = text["proj"]((h * real[..., None]).sum(1) / real.sum(1, keepdim=True))
+            zi = text["image_proj"](vit(torch.stack([e["input_image"] for e in batch]).to(device)).mean(1))
+        zi, zt = F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
+        logits = zi @ zt.T * scale.exp() + bias
+        loss = -F.logsigmoid(labels * logits).sum() / B
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    hit = (logits.argmax(1) == torch.arange(B, device=device)).float().mean().item()
+    log(f"understanding encoder: SigLIP-style pretraining, {steps} steps of {B} captioned images in "
+        f"{time.time() - t0:.0f}s, sigmoid loss {first:.3f} -> {loss.item():.3f}, the last batch's image-to-caption "
+        f"retrieval@1 {hit:.2f}")
+    vit.to(home)
+    opt.zero_grad(set_to_none=True)
 
 
 def read_pretrained(args):
