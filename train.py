@@ -106,9 +106,9 @@ def build_parser():
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
                                                     "empty = the from-scratch ViT of the preset")
     g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
-    g.add_argument("--vit_pretrain", type=non_negative(int), default=500, help="steps of SigLIP-style pretraining "
+    g.add_argument("--vit_pretrain", type=non_negative(int), default=1000, help="steps of SigLIP-style pretraining "
                    "of the from-scratch ViT on the run's captions before joint training (README, Training); 0 = off")
-    g.add_argument("--vit_pretrain_batch", type=positive_int, default=256, help="image-caption pairs per step of it")
+    g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
@@ -612,7 +612,7 @@ def setup_vae(args, device, is_master, log):
     return spec, load_vae(spec, device)
 
 
-def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=1e-3):
+def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=2e-3):
     """Pretrain the from-scratch understanding ViT SigLIP-style, as UniFluid starts from a pretrained SigLIP:
     the sigmoid loss (Zhai et al. 2023) pairs each image's mean-pooled ViT outputs with its caption's, from a
     small text transformer that is dropped afterwards. The text loss of joint training alone teaches the
@@ -663,6 +663,7 @@ def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=1e-
         f"retrieval@1 {hit:.2f}")
     vit.to(home)
     opt.zero_grad(set_to_none=True)
+    return dict(loss_first=first, loss_last=loss.item(), retrieval=hit)
 
 
 def read_pretrained(args):

@@ -35,7 +35,8 @@ from data import build_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 FAST = ["--model", "tiny", "--batch_size", "8", "--warmup", "5", "--log_interval", "1", "--eval_interval", "1000",
-        "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"]
+        "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
+        "--vit_pretrain", "2", "--vit_pretrain_batch", "8"]
 SAMPLE_FAST = ["--num_iter", "2", "--diffusion_steps", "2", "--max_new_tokens", "3"]
 
 

@@ -18,7 +18,8 @@ from data.streams import rows_per_task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fast sampling and evaluation: what is tested is the plumbing, not the quality
 FAST = ["--model", "tiny", "--batch_size", "16", "--warmup", "5", "--log_interval", "1", "--eval_interval", "1000",
-        "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2"]
+        "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
+        "--vit_pretrain", "2", "--vit_pretrain_batch", "8"]   # the ViT pretraining runs too, for two steps
 EVAL_KEYS = {"gen_accuracy", "gen/single_object", "gen/two_object", "gen/counting", "gen/colors", "gen/position",
              "gen/color_attr", "caption_accuracy", "vqa_accuracy", "edit_accuracy", "val_loss_image", "val_loss_text",
              "gen_heldout_pairs", "gen_seen_pairs", "caption_heldout_pairs"}   # held-out colour-shape compositions
@@ -427,3 +428,21 @@ def test_pre_encoded_latents_equal_the_vae_and_train_alike(tmp_path, vae_path):
         assert abs(a[k] - b[k]) < 1e-5 * abs(a[k]), (k, a[k], b[k])
     with pytest.raises(SystemExit, match="vae.py --encode"):
         train.main([*flags, "--dataset", "latents", "--data_dir", wds, "--out_dir", str(tmp_path / "none")])
+
+
+def test_vit_pretraining_matches_images_to_captions_and_keeps_only_the_vit():
+    """The SigLIP-style pretraining a fresh run does first: the sigmoid loss falls, images find their own
+    caption above chance, the ViT's weights move and nothing else of the model does (the text tower is dropped)."""
+    from contextlib import nullcontext
+    args = train.get_args(["--model", "tiny", "--vit_pretrain", "120", "--vit_pretrain_batch", "32", "--resolution", "32"])
+    tok = train.build_tokenizer(args, None)
+    torch.manual_seed(0)
+    model = unifluid.UniFluid(unifluid.Config.preset("tiny", vocab_size=tok.vocab_size), tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train.pretrain_vision(model, args, torch.device("cpu"), nullcontext(), lambda *a: None)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith("vision.") for k in moved)
+    assert stats["loss_last"] < 0.5 * stats["loss_first"]
+    assert stats["retrieval"] > 8 / 32           # chance is 1/32 (less where two captions are the same)
