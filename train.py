@@ -32,7 +32,7 @@ Fine-tune from another run's weights (e.g. for editing, mixed with the other tas
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model, pretrained
-Gemma / SigLIP), 5. optimisation and hardware, 6. samples and evaluation, 7. flag parsing.
+Gemma / SigLIP, or the ViT's own SigLIP-style pretraining), 5. optimisation and hardware, 6. samples and evaluation, 7. flag parsing.
 Elsewhere: the model, the Hugging Face weight-name maps and the checkpoint format (save_checkpoint,
 load_checkpoint) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
 data/shapes.py.
@@ -107,7 +107,8 @@ def build_parser():
                                                     "empty = the from-scratch ViT of the preset")
     g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
     g.add_argument("--vit_pretrain", type=non_negative(int), default=1000, help="steps of SigLIP-style pretraining "
-                   "of the from-scratch ViT on the run's captions before joint training (README, Training); 0 = off")
+                   "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it (README, "
+                   "Choices where the paper is silent); 0 = off")
     g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
@@ -448,7 +449,8 @@ def build_run(args, device, ddp, local_rank, world, log):
                 log(f"understanding encoder: SigLIP weights from {args.und_encoder}")
         except ValueError as e:
             raise SystemExit(f"train.py: error: {e}") from None
-        if not siglip and args.vit_pretrain:   # every rank: same seed, same data, same weights
+        reads_vit = rows.get("edit") or (args.image_weight < 1 and (rows.get("caption") or rows.get("vqa")))
+        if not siglip and args.vit_pretrain and reads_vit:   # every rank: same seed, same data, same weights
             pretrain_vision(model, args, device, ctx, log)
         del gemma, siglip
     if args.freeze_und_encoder:          # also when resuming or fine-tuning: frozen stays frozen

@@ -446,3 +446,10 @@ def test_vit_pretraining_matches_images_to_captions_and_keeps_only_the_vit():
     assert moved and all(k.startswith("vision.") for k in moved)
     assert stats["loss_last"] < 0.5 * stats["loss_first"]
     assert stats["retrieval"] > 8 / 32           # chance is 1/32 (less where two captions are the same)
+
+
+@pytest.mark.parametrize("flags, pretrains", [((), True), (("--image_weight", "1"), False),
+                                              (("--tasks", "t2i=1"), False), (("--vit_pretrain", "0"), False)])
+def test_vit_pretraining_runs_only_where_the_text_loss_trains_the_vit(tmp_path, vae_path, capsys, flags, pretrains):
+    run(tmp_path, vae_path, "--max_steps", "1", *flags)
+    assert ("SigLIP-style pretraining, 2 steps" in capsys.readouterr().out) == pretrains
