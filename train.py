@@ -183,9 +183,9 @@ def get_args(argv=None):
         p.error(f"--und_encoder {args.und_encoder}: expected siglip:DIR")
     if args.init_from.startswith("gemma:") and not args.tokenizer.startswith("gemma:"):
         p.error(f"--init_from {args.init_from} needs the Gemma tokenizer: drop --tokenizer {args.tokenizer}")
-    if args.freeze_und_encoder and not args.und_encoder and (args.init_from == "scratch"
-                                                             or args.init_from.startswith("gemma:")):
-        p.error("--freeze_und_encoder needs --und_encoder siglip:DIR (a random ViT would stay random)")
+    if args.freeze_und_encoder and not args.und_encoder and not args.vit_pretrain and (
+            args.init_from == "scratch" or args.init_from.startswith("gemma:")):
+        p.error("--freeze_und_encoder needs --und_encoder siglip:DIR or --vit_pretrain (a random ViT would stay random)")
     if args.init_from not in ("scratch", "resume") and not args.init_from.startswith("gemma:") \
             and not os.path.exists(args.init_from):
         p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume, a ckpt.pt path or gemma:DIR)")
