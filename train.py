@@ -106,9 +106,9 @@ def build_parser():
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
                                                     "empty = the from-scratch ViT of the preset")
     g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
-    g.add_argument("--vit_pretrain", type=non_negative(int), default=1000, help="steps of SigLIP-style pretraining "
-                   "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it (README, "
-                   "Choices where the paper is silent); 0 = off")
+    g.add_argument("--vit_pretrain", type=non_negative(int), default=0, help="steps of SigLIP-style pretraining "
+                   "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it, e.g. "
+                   "1000 (README, Choices where the paper is silent); 0 = off")
     g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
