@@ -32,7 +32,8 @@ Fine-tune from another run's weights (e.g. for editing, mixed with the other tas
 
 Read top to bottom: 1. flags -> 2. main (build the run, then the loop) -> 3. one training step.
 What they call lives below: 4. building a run (device, checkpoint flags, VAE, tokenizer, model, pretrained
-Gemma / SigLIP, or the ViT's own SigLIP-style pretraining), 5. optimisation and hardware, 6. samples and evaluation, 7. flag parsing.
+Gemma / SigLIP or the ViT's own SigLIP-style pretraining), 5. optimisation and hardware, 6. samples and
+evaluation, 7. flag parsing.
 Elsewhere: the model, the Hugging Face weight-name maps and the checkpoint format (save_checkpoint,
 load_checkpoint) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
 data/shapes.py.
@@ -615,10 +616,10 @@ def setup_vae(args, device, is_master, log):
 
 
 def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=2e-3):
-    """Pretrain the from-scratch understanding ViT SigLIP-style, as UniFluid starts from a pretrained SigLIP:
-    the sigmoid loss (Zhai et al. 2023) pairs each image's mean-pooled ViT outputs with its caption's, from a
-    small text transformer that is dropped afterwards. The text loss of joint training alone teaches the
-    ViT too little of what it sees (docs/log.md, 2026-12-03)."""
+    """--vit_pretrain: pretrain the from-scratch understanding ViT SigLIP-style, as UniFluid starts from a
+    pretrained SigLIP. The sigmoid loss (Zhai et al. 2023) pairs each image's mean-pooled ViT outputs with its
+    caption's, from a small text transformer that is dropped afterwards. Off by default: at the quickstart's
+    budget it did not raise VQA (README, Choices where the paper is silent)."""
     from data import build_dataset
     from tqdm import tqdm
     vit, tok, B, steps = model.vision, model.tokenizer, args.vit_pretrain_batch, args.vit_pretrain

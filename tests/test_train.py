@@ -431,8 +431,8 @@ def test_pre_encoded_latents_equal_the_vae_and_train_alike(tmp_path, vae_path):
 
 
 def test_vit_pretraining_matches_images_to_captions_and_keeps_only_the_vit():
-    """The SigLIP-style pretraining a fresh run does first: the sigmoid loss falls, images find their own
-    caption above chance, the ViT's weights move and nothing else of the model does (the text tower is dropped)."""
+    """--vit_pretrain, the SigLIP-style pretraining before a fresh run: the sigmoid loss falls, images find their
+    own caption above chance, the ViT's weights move and nothing else of the model does (the text tower is dropped)."""
     from contextlib import nullcontext
     args = train.get_args(["--model", "tiny", "--vit_pretrain", "120", "--vit_pretrain_batch", "32", "--resolution", "32"])
     tok = train.build_tokenizer(args, None)
