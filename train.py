@@ -643,10 +643,8 @@ def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=2e-
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         with dataset_errors():
             batch = [next(examples) for _ in range(B)]
-        ids = [tok.encode(e["answer"])[:max_len] or [tok.pad_id] for e in batch]
-        tokens = torch.full((B, max(map(len, ids))), tok.pad_id, dtype=torch.long)
-        for i, row in enumerate(ids):
-            tokens[i, :len(row)] = torch.tensor(row)
+        ids = [torch.tensor(tok.encode(e["answer"])[:max_len] or [tok.pad_id]) for e in batch]
+        tokens = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_id)
         real = torch.arange(tokens.shape[1]) < torch.tensor([len(row) for row in ids])[:, None]   # not padding
         tokens, real = tokens.to(device), real.to(device)
         with ctx:
