@@ -111,6 +111,8 @@ def build_parser():
                    "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it, e.g. "
                    "1000 (README, Choices where the paper is silent); 0 = off")
     g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
+    g.add_argument("--vit_lr_scale", type=non_negative(float), default=1.0, help="the understanding ViT's learning "
+                   "rate as a multiple of --lr, e.g. 0.1 after --vit_pretrain (so the joint run keeps what it learnt)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
@@ -300,7 +302,7 @@ def train_step(run, step, stop_requested=False):
     args = run.args
     lr = lr_at(step, args)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)   # --vit_lr_scale on the ViT's groups
     stats = accumulate_gradients(run, step)      # sums over micro-batches: loss, loss_image, loss_text, tokens
     stats = torch.cat([stats, stats.new_tensor([float(stop_requested)])])
     if run.ddp:
@@ -505,7 +507,8 @@ def flags_from_checkpoint(args, log):
             ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
-        for k in ("model", "model_args", "tokenizer"):   # a checkpoint's architecture is fixed: say so
+        fixed = ("model", "model_args", "tokenizer") + (("vit_lr_scale",) if args.init_from == "resume" else ())
+        for k in fixed:                  # a checkpoint's architecture (a resumed one's optimizer groups) is fixed
             if k in args.explicit and getattr(args, k) != ckpt.get("args", {}).get(k, getattr(args, k)):
                 raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was trained with "
                                  f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
@@ -718,10 +721,14 @@ def lr_at(step, args):
 
 
 def make_optimizer(model, args, device_type):
-    # decay only on matrices and embeddings (not norms, biases, [MASK]); fused AdamW but on FSDP's CPU DTensors
+    # decay only on matrices and embeddings (not norms, biases, [MASK]); the ViT in groups of its own only when
+    # --vit_lr_scale is not 1 (the layout a checkpoint's optimizer state has); fused AdamW but on FSDP's CPU DTensors
+    vit = {id(p) for p in model.vision.parameters()} if args.vit_lr_scale != 1 else set()
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [dict(params=[p for p in params if (p.dim() >= 2) == matrix and (id(p) in vit) == in_vit],
+                   weight_decay=args.weight_decay if matrix else 0.0, lr_scale=args.vit_lr_scale if in_vit else 1.0)
+              for in_vit in (False, True) for matrix in (True, False)]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda" or not args.fsdp)
 
 

@@ -116,6 +116,37 @@ def test_resume_continues_exactly(tmp_path, vae_path):
     assert not torch.equal(a["ema"]["llm.embed_tokens.weight"], a["model"]["llm.embed_tokens.weight"])
 
 
+def test_vit_lr_scale_moves_the_vit_at_that_fraction_and_resumes_exactly(tmp_path, vae_path, monkeypatch, capsys):
+    """--vit_lr_scale 0.1: AdamW's first step moves each weight by about its group's lr (m / sqrt(v) = +-1), so the
+    ViT's weights move a tenth as far as the rest; a run stopped and resumed ends on the same tensors; resuming
+    with another scale (another layout of AdamW's groups) is refused in one sentence."""
+    real, first = train.train_step, []
+
+    def spy(run, step, **kw):
+        before = snapshot(run)["model"]
+        out = real(run, step, **kw)
+        if step == 0:
+            first.append({k: (v - before[k]).abs().max().item() for k, v in run.raw_model.state_dict().items()})
+        return out
+    monkeypatch.setattr(train, "train_step", spy)
+    run(tmp_path / "a", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1")
+    moved = first[0]
+    vit = max(v for k, v in moved.items() if k.startswith("vision."))
+    rest = max(v for k, v in moved.items() if not k.startswith("vision."))
+    assert rest == pytest.approx(2e-3 / 5, rel=0.05)                  # --lr 2e-3 at the first of 5 warmup steps
+    assert vit == pytest.approx(0.1 * rest, rel=0.05)
+    run(tmp_path / "b", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1", "--stop_at", "2")
+    run(tmp_path / "b", vae_path, "--max_steps", "4", "--init_from", "resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    for part in ("model", "ema", "optimizer"):
+        assert_same(a[part], b[part], part)
+    assert [g["lr_scale"] for g in b["optimizer"]["param_groups"]] == [1.0, 1.0, 0.1, 0.1]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "b", vae_path, "--max_steps", "6", "--init_from", "resume", "--vit_lr_scale", "1")
+    assert "--vit_lr_scale 0.1, not 1.0; drop --vit_lr_scale to continue it" in str(e.value.code)
+
+
 def test_a_data_worker_left_running_does_not_keep_python_from_exiting():
     """A feed nobody closes (train.main called from a script that exits without returning, say): Python still
     exits, and the worker with it, although the worker ignores the SIGTERM that Python's exit sends it."""
