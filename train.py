@@ -107,12 +107,12 @@ def build_parser():
     g.add_argument("--und_encoder", default="", help="siglip:DIR: a Hugging Face SigLIP vision tower; "
                                                     "empty = the from-scratch ViT of the preset")
     g.add_argument("--freeze_und_encoder", action="store_true", help="keep the understanding ViT's weights fixed")
-    g.add_argument("--vit_pretrain", type=non_negative(int), default=0, help="steps of SigLIP-style pretraining "
-                   "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it, e.g. "
-                   "1000 (README, Choices where the paper is silent); 0 = off")
+    g.add_argument("--vit_pretrain", type=non_negative(int), default=1000, help="steps of SigLIP-style pretraining "
+                   "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it "
+                   "(README, Choices where the paper is silent); 0 = off")
     g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
-    g.add_argument("--vit_lr_scale", type=non_negative(float), default=1.0, help="the understanding ViT's learning "
-                   "rate as a multiple of --lr, e.g. 0.1 after --vit_pretrain (so the joint run keeps what it learnt)")
+    g.add_argument("--vit_lr_scale", type=non_negative(float), default=0.1, help="the understanding ViT's learning "
+                   "rate as a multiple of --lr: it starts pretrained, and the joint run keeps what it learnt")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive_int, default=64, help="examples per micro-batch per process")
     g.add_argument("--grad_accum", type=positive_int, default=None,
@@ -507,15 +507,16 @@ def flags_from_checkpoint(args, log):
             ckpt = read_checkpoint(args.out_dir if args.init_from == "resume" else args.init_from)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: error: --init_from {args.init_from}: {e}") from None
+        saved = {"vit_lr_scale": 1.0, **ckpt.get("args", {})}   # a checkpoint from before the flag: 1
         fixed = ("model", "model_args", "tokenizer") + (("vit_lr_scale",) if args.init_from == "resume" else ())
         for k in fixed:                  # a checkpoint's architecture (a resumed one's optimizer groups) is fixed
-            if k in args.explicit and getattr(args, k) != ckpt.get("args", {}).get(k, getattr(args, k)):
+            if k in args.explicit and getattr(args, k) != saved.get(k, getattr(args, k)):
                 raise SystemExit(f"train.py: error: --init_from {args.init_from}: the checkpoint was trained with "
-                                 f"--{k} {ckpt['args'][k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
+                                 f"--{k} {saved[k]!r}, not {getattr(args, k)!r}; drop --{k} to continue it, "
                                  f"or start a new run in another --out_dir")
     if args.init_from == "resume":
         renamed = {"cfg": "guidance"}    # an earlier train.py's name; flags it had and this one dropped are skipped
-        for k, v in ckpt["args"].items():
+        for k, v in saved.items():
             k = renamed.get(k, k)
             if hasattr(args, k) and k not in args.explicit and k not in ("explicit", "init_from", "eval_only", "device",
                                                                          "stop_at", "time_budget", "fsdp"):
@@ -621,8 +622,9 @@ def setup_vae(args, device, is_master, log):
 def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=2e-3):
     """--vit_pretrain: pretrain the from-scratch understanding ViT SigLIP-style, as UniFluid starts from a
     pretrained SigLIP. The sigmoid loss (Zhai et al. 2023) pairs each image's mean-pooled ViT outputs with its
-    caption's, from a small text transformer that is dropped afterwards. Off by default: at the quickstart's
-    budget it did not raise VQA (README, Choices where the paper is silent)."""
+    caption's, from a small text transformer that is dropped afterwards. The joint run then fine-tunes the ViT
+    at a tenth of the lr (--vit_lr_scale): at full lr it overwrites what was learnt (README, Choices where the
+    paper is silent)."""
     from data import build_dataset
     from tqdm import tqdm
     vit, tok, B, steps = model.vision, model.tokenizer, args.vit_pretrain_batch, args.vit_pretrain

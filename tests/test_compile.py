@@ -99,7 +99,8 @@ def test_compiled_flex_attention_matches_sdpa_for_all_layouts(fresh_dynamo):
 def test_train_py_compiled_run_logs_graphs_and_breaks(fresh_dynamo, tmp_path, capsys, vae_path):
     train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "4", "--warmup", "1", "--log_interval", "2",
                 "--eval_interval", "1000", "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2",
-                "--diffusion_steps", "2", "--compile", "on", "--vae", vae_path, "--out_dir", str(tmp_path / "run")])
+                "--diffusion_steps", "2", "--compile", "on", "--vit_pretrain", "0", "--vae", vae_path,
+                "--out_dir", str(tmp_path / "run")])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 4/4 |")]
     assert lines and re.search(r"\| [1-9]\d* graphs compiled, 0 graph breaks", lines[0]), lines
 

@@ -113,8 +113,8 @@ def real_run(tmp_path_factory, vae_path):
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
-                    "--sample_interval", "1000", "--vae", vae_path, "--dataset", name, "--data_dir", data_dir,
-                    "--resolution", "32", "--holdout", str(HOLDOUT), "--out_dir", str(tmp / "out")])
+                    "--sample_interval", "1000", "--vit_pretrain", "0", "--vae", vae_path, "--dataset", name,
+                    "--data_dir", data_dir, "--resolution", "32", "--holdout", str(HOLDOUT), "--out_dir", str(tmp / "out")])
     return tmp / "out", keys, log.getvalue()
 
 
@@ -149,6 +149,6 @@ def test_fid_on_shapes_beside_the_oracle(tmp_path, vae_path, inception):
     import train
     result = train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
                          "--sample_interval", "1000", "--eval_n", "1", "--num_iter", "2", "--diffusion_steps", "2",
-                         "--vae", vae_path, "--fid", "4", "--out_dir", str(tmp_path / "out")])
+                         "--vit_pretrain", "0", "--vae", vae_path, "--fid", "4", "--out_dir", str(tmp_path / "out")])
     assert result["fid_n"] == 4 and result["fid"] > 0 and result["gen_accuracy"] is not None
     assert "cider" not in result          # shapes' captions are scored by the oracle (caption_accuracy)

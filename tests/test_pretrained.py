@@ -213,7 +213,7 @@ def test_train_starts_from_gemma_and_siglip_and_the_checkpoint_reloads(tmp_path)
 @pytest.mark.parametrize("argv, words", [
     (["--init_from", "gemma:/no/such/dir"], "no config.json there"),
     (["--und_encoder", "/some/dir"], "expected siglip:DIR"),
-    (["--freeze_und_encoder"], "needs --und_encoder siglip:DIR or --vit_pretrain"),
+    (["--freeze_und_encoder", "--vit_pretrain", "0"], "needs --und_encoder siglip:DIR or --vit_pretrain"),
     (["--tokenizer", "sentencepiece"], "expected word, byte or gemma:DIR"),
 ])
 def test_bad_pretrained_flags_are_one_clear_sentence(argv, words, capsys):

@@ -52,7 +52,8 @@ def ckpt(tmp_path_factory):
     save_vae(AutoencoderKL(VAEConfig.preset("shapes")), str(d / "vae.pt"))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--vae", d / "vae.pt",
                         "--max_steps", "100", "--stop_at", "2", "--batch_size", "8", "--out_dir", d / "run",
-                        "--num_iter", "1", "--diffusion_steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+                        "--num_iter", "1", "--diffusion_steps", "1", "--vit_pretrain", "0"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     # two steps leave a decoder whose residual stream repeats the last input token (an empty answer) and a
     # diffusion head that outputs ~0, under which a broken KV or prefix cache would still give the same

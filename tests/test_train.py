@@ -145,6 +145,13 @@ def test_vit_lr_scale_moves_the_vit_at_that_fraction_and_resumes_exactly(tmp_pat
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "b", vae_path, "--max_steps", "6", "--init_from", "resume", "--vit_lr_scale", "1")
     assert "--vit_lr_scale 0.1, not 1.0; drop --vit_lr_scale to continue it" in str(e.value.code)
+    # a checkpoint from before --vit_lr_scale (no such flag saved, the ViT in the common groups) resumes as it was
+    run(tmp_path / "c", vae_path, "--max_steps", "4", "--vit_lr_scale", "1", "--stop_at", "2")
+    ckpt = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["vit_lr_scale"]
+    torch.save(ckpt, tmp_path / "c" / "ckpt.pt")
+    run(tmp_path / "c", vae_path, "--max_steps", "4", "--init_from", "resume")
+    assert [g["lr_scale"] for g in torch.load(tmp_path / "c" / "ckpt.pt")["optimizer"]["param_groups"]] == [1.0, 1.0]
 
 
 def test_a_data_worker_left_running_does_not_keep_python_from_exiting():
