@@ -114,7 +114,8 @@ def real_run(tmp_path_factory, vae_path):
     with contextlib.redirect_stdout(log):
         train.main(["--model", "tiny", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "1000",
                     "--sample_interval", "1000", "--vit_pretrain", "0", "--vae", vae_path, "--dataset", name,
-                    "--data_dir", data_dir, "--resolution", "32", "--holdout", str(HOLDOUT), "--out_dir", str(tmp / "out")])
+                    "--data_dir", data_dir, "--resolution", "32", "--holdout", str(HOLDOUT),
+                    "--out_dir", str(tmp / "out")])
     return tmp / "out", keys, log.getvalue()
 
 
