@@ -50,7 +50,6 @@ from contextlib import closing, contextmanager, nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -112,8 +111,6 @@ def build_parser():
                    "of the from-scratch ViT on the run's captions before a fresh run whose text loss trains it "
                    "(README, Choices where the paper is silent); 0 = off")
     g.add_argument("--vit_pretrain_batch", type=positive_int, default=128, help="image-caption pairs per step of it")
-    g.add_argument("--vit_hard_negatives", type=int, choices=[0, 1], default=0, help="1 = each caption's attribute "
-                   "words swapped between its objects as an extra negative of the pretraining (NegCLIP; shapes only)")
     g.add_argument("--vit_lr_scale", type=non_negative(float), default=0.1, help="the understanding ViT's learning "
                    "rate as a multiple of --lr: it starts pretrained, and the joint run keeps what it learnt")
     g = p.add_argument_group("optimisation")
@@ -192,9 +189,6 @@ def get_args(argv=None):
     if args.freeze_und_encoder and not args.und_encoder and not args.vit_pretrain and (
             args.init_from == "scratch" or args.init_from.startswith("gemma:")):
         p.error("--freeze_und_encoder needs --und_encoder siglip:DIR or --vit_pretrain (a random ViT would stay random)")
-    if args.vit_hard_negatives and args.dataset != "shapes":
-        p.error("--vit_hard_negatives swaps the colour, shape and size words of shapes captions: use it with "
-                "--dataset shapes")
     if args.init_from not in ("scratch", "resume") and not args.init_from.startswith("gemma:") \
             and not os.path.exists(args.init_from):
         p.error(f"--init_from {args.init_from}: no such checkpoint (use scratch, resume, a ckpt.pt path or gemma:DIR)")
@@ -648,53 +642,34 @@ def pretrain_vision(model, args, device, ctx, log, width=128, max_len=64, lr=2e-
     bias = nn.Parameter(torch.tensor(-10.0, device=device))
     opt = torch.optim.AdamW([*vit.parameters(), *text.parameters(), scale, bias], lr=lr, weight_decay=args.weight_decay)
     labels = 2 * torch.eye(B, device=device) - 1                 # +1 for an image's own caption, -1 for the others
-    rng = np.random.default_rng(args.seed)
-
-    def embed_text(captions):
-        ids = [torch.tensor(tok.encode(c)[:max_len] or [tok.pad_id]) for c in captions]
-        tokens = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_id)
-        real = torch.arange(tokens.shape[1]) < torch.tensor([len(row) for row in ids])[:, None]   # not padding
-        tokens, real = tokens.to(device), real.to(device)
-        h = text["layers"](text["embed"](tokens) + text["pos"].weight[:tokens.shape[1]], src_key_padding_mask=~real)
-        return F.normalize(text["proj"]((h * real[..., None]).sum(1) / real.sum(1, keepdim=True)).float(), dim=-1)
-
     warmup, t0, first = max(1, min(100, steps // 5)), time.time(), None
     for step in tqdm(range(steps), desc="vit", disable=dist.is_initialized() and dist.get_rank() > 0, leave=False):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         with dataset_errors():
             batch = [next(examples) for _ in range(B)]
-        captions = [e["answer"] for e in batch]
-        swapped = [shapes.swap_binding(c, rng) for c in captions] if args.vit_hard_negatives else []
-        with ctx:                      # the hard negatives are extra captions, -1 for every image (NegCLIP)
-            zt = embed_text(captions + [s or c for s, c in zip(swapped, captions)])
+        ids = [torch.tensor(tok.encode(e["answer"])[:max_len] or [tok.pad_id]) for e in batch]
+        tokens = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_id)
+        real = torch.arange(tokens.shape[1]) < torch.tensor([len(row) for row in ids])[:, None]   # not padding
+        tokens, real = tokens.to(device), real.to(device)
+        with ctx:
+            h = text["layers"](text["embed"](tokens) + text["pos"].weight[:tokens.shape[1]], src_key_padding_mask=~real)
+            zt = text["proj"]((h * real[..., None]).sum(1) / real.sum(1, keepdim=True))
             zi = text["image_proj"](vit(torch.stack([e["input_image"] for e in batch]).to(device)).mean(1))
-        zi = F.normalize(zi.float(), dim=-1)
+        zi, zt = F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
         logits = zi @ zt.T * scale.exp() + bias
-        terms = -F.logsigmoid(labels * logits[:, :B])
-        if swapped:                    # a caption without a swap (one object, look-alikes) has no negative
-            has = torch.tensor([s is not None for s in swapped], device=device)
-            terms = torch.cat([terms, -F.logsigmoid(-logits[:, B:]) * has], 1)
-        loss = terms.sum() / B
+        loss = -F.logsigmoid(labels * logits).sum() / B
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         first = loss.item() if first is None else first
-    hit = (logits[:, :B].argmax(1) == torch.arange(B, device=device)).float().mean().item()
-    pairs = [(i, s) for i, s in enumerate(shapes.swap_binding(c, rng) for c in captions) if s is not None]
-    binding = float("nan")
-    if pairs:                          # the binding probe: does an image prefer its caption to the caption's swap?
-        with torch.no_grad(), ctx:
-            rows = torch.tensor([i for i, _ in pairs], device=device)
-            swap = embed_text([s for _, s in pairs])
-            binding = ((zi[rows] * zt[rows]).sum(-1) > (zi[rows] * swap).sum(-1)).float().mean().item()
-    log(f"understanding encoder: SigLIP-style pretraining, {steps} steps of {B} captioned images"
-        f"{' with swapped-attribute negatives' if swapped else ''} in {time.time() - t0:.0f}s, sigmoid loss "
-        f"{first:.3f} -> {loss.item():.3f}; on the last batch, image-to-caption retrieval@1 {hit:.2f}"
-        + (f", own caption above its attribute swap {binding:.2f}" if pairs else ""))
+    hit = (logits.argmax(1) == torch.arange(B, device=device)).float().mean().item()
+    log(f"understanding encoder: SigLIP-style pretraining, {steps} steps of {B} captioned images in "
+        f"{time.time() - t0:.0f}s, sigmoid loss {first:.3f} -> {loss.item():.3f}, the last batch's image-to-caption "
+        f"retrieval@1 {hit:.2f}")
     vit.to(home)
     opt.zero_grad(set_to_none=True)
-    return dict(loss_first=first, loss_last=loss.item(), retrieval=hit, binding=binding)
+    return dict(loss_first=first, loss_last=loss.item(), retrieval=hit)
 
 
 def read_pretrained(args):

@@ -565,22 +565,6 @@ def score_image(image, spec):
     return objs is not None and satisfies(objs, spec)
 
 
-def swap_binding(text, rng):
-    """A hard negative for contrastive pretraining (NegCLIP, Yuksekgonul et al. 2023): the caption with two
-    different colour, shape or size words exchanged, e.g. 'a red circle left of a blue square' -> 'a blue
-    circle left of a red square': the same words, bound to other objects or places. None when no kind of
-    attribute has two different words (one object, or look-alikes)."""
-    words = text.split()
-    swaps = [(i, j) for vocab in (COLORS, SHAPES, SIZES)
-             for i, j in itertools.combinations([k for k, w in enumerate(words) if w in vocab], 2)
-             if words[i] != words[j]]
-    if not swaps:
-        return None
-    i, j = swaps[rng.integers(len(swaps))]
-    words[i], words[j] = words[j], words[i]
-    return " ".join(words)
-
-
 def parse_caption(text):
     """(objects, relation): objects as dicts of size / color / shape (None when unsaid) and
     relation as (i, j, word) between object i and j, or None. 'two circles' gives two objects."""
