@@ -68,8 +68,6 @@ class Config:
     vit_mlp: int = 512
     vit_stem: int = 0              # 3x3 stride-2 convolutions before the patch embedding (Xiao et al. 2021,
                                    # "Early convolutions help transformers see better"); 0 = SigLIP's linear patches
-    und_after_prompt: bool = False  # captions / VQA as <bos> prompt [und] <sep> answer: the und slots attend to the
-                                   # question (the paper, and False: the und slots first, blind to it)
     # generated image tokens (VAE latents)
     latent_size: int = 8           # latent grid side (image_size / VAE downsampling)
     latent_channels: int = 4       # VAE latent channels
@@ -857,8 +855,8 @@ class UniFluid(nn.Module):
             seq = und + [(t, KIND_TEXT) for t in [tok.bos_id] + p + [tok.boi_id]] + [(PAD, KIND_GEN)] * cfg.num_image_tokens
             return [s[0] for s in seq], [s[1] for s in seq], [-100] * len(seq)
         a = tok.encode(answer)[: cfg.max_text_len] + [tok.eos_id]
-        prompt = [(t, KIND_TEXT) for t in [tok.bos_id] + p]
-        seq = (prompt + und if cfg.und_after_prompt else und + prompt) + [(t, KIND_TEXT) for t in [tok.sep_id] + a]
+        text = [tok.bos_id] + p + [tok.sep_id] + a
+        seq = und + [(t, KIND_TEXT) for t in text]
         targets = [-100] * (len(und) + len(p) + 1) + a + [-100]        # position t predicts token t+1
         return [s[0] for s in seq], [s[1] for s in seq], targets
 
