@@ -95,6 +95,8 @@ class Config:
                                    # and the trunk barely uses the tokens already drawn
     # training-time behaviour
     image_weight: float = 0.9      # w in  w * L_image + (1 - w) * L_text  (README, Training)
+    text_loss: str = "token"       # L_text averaged over answer tokens ("token": a caption outweighs a one-word
+                                   # answer by its length) or over rows ("row": each row's token mean, then the mean)
     cfg_dropout: float = 0.1       # probability that a t2i prompt is replaced by the empty prompt
     dropout: float = 0.0           # residual dropout in the decoder blocks (training only)
 
@@ -792,6 +794,8 @@ class UniFluid(nn.Module):
         self.img_pos = nn.Parameter(torch.randn(N, D) * 0.02)  # learned 2D slot position
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)         # [MASK] (random order) / start (raster)
         self.img_ln = nn.LayerNorm(D) if cfg.img_input_ln else None
+        if cfg.text_loss not in ("token", "row"):
+            raise ValueError(f"unknown text_loss {cfg.text_loss!r}: choose token or row")
         self.repa_proj = None
         if cfg.repa_weight > 0:        # gen slot i and ViT output i must cover the same patch of the image
             if cfg.latent_size // cfg.patch_size != cfg.image_size // cfg.vit_patch // cfg.vit_pool:
@@ -951,11 +955,15 @@ class UniFluid(nn.Module):
         zero = h.sum() * 0.0                                     # keeps the graph when a task is absent
         loss_text, loss_image = zero, zero
         sel = targets != -100
+        weight = sel.float()                                     # "token": every answer token counts once
+        if cfg.text_loss == "row":                               # "row": every row's tokens share one unit
+            weight = weight / sel.sum(1, keepdim=True).clamp(min=1)
         if torch.compiler.is_compiling():
             ce = F.cross_entropy(self.llm.logits(h).float().flatten(0, 1), targets.flatten(), reduction="none")
-            loss_text = ce.sum() / sel.sum().clamp(min=1)        # ignored targets (-100) add 0
+            loss_text = (ce * weight.flatten()).sum() / weight.sum().clamp(min=1e-6)   # ignored targets add 0
         elif sel.any():                                          # logits only where there is a target
-            loss_text = F.cross_entropy(self.llm.logits(h[sel]).float(), targets[sel])
+            ce = F.cross_entropy(self.llm.logits(h[sel]).float(), targets[sel], reduction="none")
+            loss_text = (ce * weight[sel]).sum() / weight[sel].sum()
         if gen_in is not None:                                   # gen slots: the last N positions of gen rows
             z = h[batch["gen_rows"], -tokens.shape[1]:]           # the decoder output z of each gen slot
             loss_image = self.diffusion.loss(tokens.flatten(0, 1), z.flatten(0, 1), cfg.diffusion_batch_mul,
