@@ -392,6 +392,27 @@ def test_loss_is_weighted_sum():
     assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
 
 
+
+@pytest.mark.parametrize("text_loss", ["token", "row"])
+def test_text_loss_averages_over_answer_tokens_or_over_rows(text_loss):
+    """Config.text_loss: "token" weighs a row by its answer's length (a caption outweighs a one-word answer),
+    "row" weighs every row alike; each is the same loss as the rows taken one at a time, so weighted."""
+    m = tiny(text_loss=text_loss).eval()
+    tasks, prompts, answers = ["caption", "vqa"], ["", "what color?"], ["a small red circle above a blue square", "red"]
+    img = torch.rand(2, 3, m.cfg.image_size, m.cfg.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    b = m.make_batch(tasks, prompts, answers, und_images=img)
+    one = lambda i: m.make_batch(tasks[i:i + 1], prompts[i:i + 1], answers[i:i + 1], und_images=img[i:i + 1])
+    alone = [m(one(i))["loss_text"].item() for i in range(2)]
+    n = (b["targets"] != -100).sum(1).tolist()
+    assert n[0] > n[1] > 0
+    want = sum(x * k for x, k in zip(alone, n)) / sum(n) if text_loss == "token" else sum(alone) / 2
+    assert math.isclose(m(b)["loss_text"].item(), want, rel_tol=1e-4)
+
+
+def test_an_unknown_text_loss_is_refused():
+    with pytest.raises(ValueError, match="text_loss"):
+        tiny(text_loss="sample")
+
 MAR_OPTIONS = dict(img_input_ln=True, prediction="v", learn_sigma=True)
 
 
