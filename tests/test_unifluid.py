@@ -392,7 +392,6 @@ def test_loss_is_weighted_sum():
     assert math.isclose(out["loss"].item(), 0.7 * out["loss_image"].item() + 0.3 * out["loss_text"].item(), rel_tol=1e-5)
 
 
-
 @pytest.mark.parametrize("text_loss", ["token", "row"])
 def test_text_loss_averages_over_answer_tokens_or_over_rows(text_loss):
     """Config.text_loss: "token" weighs a row by its answer's length (a caption outweighs a one-word answer),
@@ -412,6 +411,7 @@ def test_text_loss_averages_over_answer_tokens_or_over_rows(text_loss):
 def test_an_unknown_text_loss_is_refused():
     with pytest.raises(ValueError, match="text_loss"):
         tiny(text_loss="sample")
+
 
 MAR_OPTIONS = dict(img_input_ln=True, prediction="v", learn_sigma=True)
 
