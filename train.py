@@ -35,8 +35,8 @@ What they call lives below: 4. building a run (device, checkpoint flags, VAE, to
 Gemma / SigLIP or the ViT's own SigLIP-style pretraining), 5. optimisation and hardware, 6. samples and
 evaluation, 7. flag parsing.
 Elsewhere: the model, the Hugging Face weight-name maps and the checkpoint format (save_checkpoint,
-load_checkpoint) in unifluid.py, the data streams in data/streams.py, the shapes oracle's driver in
-data/shapes.py.
+load_checkpoint) in unifluid.py; the task mix in data/__init__.py; the training and validation streams in
+data/streams.py; what eval.json holds (the shapes oracle, FID, CIDEr, validation losses) in data/metrics.py.
 """
 import argparse
 import copy
@@ -56,13 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import REAL_TASKS, TASK_NAMES, shapes, task_shares
+from data import TASK_NAMES, task_mix
+from data.metrics import evaluate
 from data.plots import save_grid
-from data.streams import ShardStream, encode_batch, rows_per_task, step_examples, step_seed
+from data.streams import encode_batch, fixed_examples, rows_per_task, step_examples, step_seed, val_batches, val_losses
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
                       estimate_flops_per_example, gemma_config, load_checkpoint, load_gemma, load_optimizer_state,
-                      load_siglip, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state, siglip_config,
-                      tokenizer_from_state)
+                      load_siglip, peak_flops, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state,
+                      siglip_config, tokenizer_from_state)
 
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs
@@ -270,7 +271,7 @@ def main(argv=None):
                     log_file.write(json.dumps(dict(step=step, **v)) + "\n")
                 save(step)
             if runs_eval and args.accuracy_interval and step % args.accuracy_interval == 0 and step < args.max_steps:
-                write_eval(run, eval_model, [f"eval_step{step}.json"], master, log)
+                write_eval(args, eval_model, vae, device, run.ctx, [f"eval_step{step}.json"], master, log)
             if out["stop"]:
                 why = stop["signal"] or f"the time budget of {args.time_budget} min"
                 log(f"stopped by {why} at step {step}; checkpoint saved: continue with --init_from resume "
@@ -281,7 +282,7 @@ def main(argv=None):
     result = {}
     if runs_eval and step == args.max_steps:    # the run is complete: evaluate it
         names = ["eval.json"] + ([f"eval_step{step}.json"] if args.accuracy_interval else [])
-        result = write_eval(run, eval_model, names, master, log)
+        result = write_eval(args, eval_model, vae, device, run.ctx, names, master, log)
     if master:
         log_file.close()
         log(f"samples in {os.path.join(args.out_dir, 'samples')}, checkpoint {ckpt_path}")
@@ -682,14 +683,6 @@ def read_pretrained(args):
         raise SystemExit(f"train.py: error: {e}") from None
 
 
-def task_mix(args):
-    """The run's task shares (--tasks, or --t2i --caption --vqa --edit), normalised by data.task_shares;
-    real image-text pairs have no questions or edits (data/README.md)."""
-    shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASK_NAMES}
-    with dataset_errors():
-        return task_shares(shares, None, TASK_NAMES if args.dataset == "shapes" else tuple(REAL_TASKS))
-
-
 def model_args(s):
     out = {}
     fields = Config.__dataclass_fields__
@@ -764,38 +757,6 @@ def full_tensor(t, gather=True):
     return t.full_tensor() if gather else t.to_local()
 
 
-# dense bf16 tensor-core peaks (FLOP/s); the longest name that matches the device's name wins
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
-                 "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-                 "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
-
-
-def measure_matmul_flops(device, dtype, seconds=1.0):
-    """Best FLOP/s of square matrix products over ~`seconds`: the CPU's (or an unknown GPU's) peak."""
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best, end = 0.0, time.time() + seconds
-    while time.time() < end:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
-
-
-def peak_flops(device, dtype):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        hits = [k for k in GPU_PEAK_BF16 if k in name]
-        if hits and dtype == torch.bfloat16:
-            return GPU_PEAK_BF16[max(hits, key=len)], f"{name} bf16 table"
-        return measure_matmul_flops(device, dtype), f"{name} measured {dtype}".replace("torch.", "")
-    return measure_matmul_flops(device, torch.float32), "CPU measured float32 matmul"
-
-
 def peak_memory(device):
     """Bytes: the GPU's peak allocation, or on CPU the process's peak resident set (Linux: KiB)."""
     if device.type == "cuda":
@@ -812,32 +773,17 @@ def fmt_time(s):
 # 6. Samples and evaluation (always with the EMA weights)
 
 
-def write_eval(run, model, names, write, log):
-    """evaluate() into OUT_DIR/<name> for each of names, logged; -> the result dict."""
+def write_eval(args, model, vae, device, ctx, names, write, log):
+    """evaluate() (data/metrics.py) into OUT_DIR/<name> for each of names, logged; -> the result dict."""
     t0 = time.time()
-    with run.ctx, dataset_errors():
-        result = evaluate(model, run.vae, run.args, run.device, log)
+    with ctx, dataset_errors():
+        result = evaluate(model, vae, args, device, log)
     for name in names:
         if write:
-            with open(os.path.join(run.args.out_dir, name), "w") as f:
+            with open(os.path.join(args.out_dir, name), "w") as f:
                 json.dump(result, f, indent=1)
     log(f"eval ({time.time() - t0:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None))
     return result
-
-
-def fixed_examples(args, n_prompts=12, n_images=6):
-    """The validation examples every sample interval reuses: text-to-image prompts and (image, question)."""
-    stream = ShardStream(args, "val", 0, 1, tasks={"t2i": 0.5, "caption": 0.25, "vqa": 0.25})
-    prompts, und = [], []
-    for _ in range(2000):
-        e = stream.next()
-        if e["task"] == "t2i" and len(prompts) < n_prompts:
-            prompts.append(e["prompt"])
-        elif e["task"] in ("caption", "vqa") and len(und) < n_images:
-            und.append(e)
-        if len(prompts) == n_prompts and len(und) == n_images:
-            break
-    return prompts, und
 
 
 @torch.no_grad()
@@ -861,49 +807,6 @@ def write_samples(model, vae, prompts, und, args, path, generator_seed=0):
                         f"    model: {t}\n    truth: {e['answer']}\n")
 
 
-@torch.no_grad()
-def val_losses(model, batches):
-    """Mean image and text losses over fixed validation batches (fixed seeds: comparable across evals)."""
-    li, lt, ni, nt = 0.0, 0.0, 0, 0
-    for i, batch in enumerate(batches):
-        torch.manual_seed(i)
-        out = model(batch)
-        if "gen_tokens" in batch:
-            li, ni = li + out["loss_image"].item(), ni + 1
-        if (batch["targets"] != -100).any():
-            lt, nt = lt + out["loss_text"].item(), nt + 1
-    return dict(val_loss_image=round(li / ni, 5) if ni else None, val_loss_text=round(lt / nt, 5) if nt else None)
-
-
-def val_batches(args, model, vae, device, n=8, log=None):
-    stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
-    if log:
-        log(stream.note)
-    return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
-
-
-def evaluate(model, vae, args, device, log=print):
-    """The eval.json dict: the oracle's accuracies (shapes only, else None), FID with --fid N (and, on real
-    data, CIDEr / BLEU-4 of captions of held-out images) and validation losses."""
-    keys = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors",
-                                                   "position", "color_attr")),
-            "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
-            "edit_accuracy"]
-    out = dict.fromkeys(keys)
-    model.eval()
-    if args.dataset == "shapes":
-        out.update(shapes.evaluate_shapes(model, vae, args.eval_n, args.seed, log, num_iter=args.num_iter,
-                                          guidance=args.guidance, temperature=args.temperature,
-                                          diffusion_steps=args.diffusion_steps, sampler=args.sampler))
-    from data.metrics import evaluate_heldout
-    out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
-                                0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
-                                num_iter=args.num_iter, guidance=args.guidance, temperature=args.temperature,
-                                diffusion_steps=args.diffusion_steps))
-    out.update(val_losses(model, val_batches(args, model, vae, device)))
-    return out
-
-
 def eval_only(args, device, log):
     """Evaluate <out_dir>/ckpt.pt (EMA weights) with the run's own data flags and these sampling flags."""
     try:
@@ -915,10 +818,8 @@ def eval_only(args, device, log):
             setattr(args, k, ckpt["args"][k])
     args.resolution = model.cfg.image_size
     t0 = time.time()
-    with dataset_errors(), torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext():
-        result = evaluate(model, vae, args, device, log)
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    result = write_eval(args, model, vae, device, ctx, ["eval.json"], True, log)
     log(json.dumps({"result": "eval", "step": ckpt["step"], **result, "seconds": round(time.time() - t0, 1)}))
     return result
 

@@ -39,6 +39,13 @@ def task_shares(tasks, default, supported=TASK_NAMES):
     return {t: v / total for t, v in kept.items()}
 
 
+def task_mix(args):
+    """A run's task shares from train.py's flags (--tasks, or --t2i --caption --vqa --edit), normalised;
+    real image-text pairs have no questions or edits (data/README.md)."""
+    shares = args.tasks if args.tasks is not None else {t: getattr(args, t) for t in TASK_NAMES}
+    return task_shares(shares, None, TASK_NAMES if args.dataset == "shapes" else tuple(REAL_TASKS))
+
+
 def pick_task(shares, rng):
     """One task drawn by its share (one uniform draw from rng)."""
     u, acc = rng.random(), 0.0

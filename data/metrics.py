@@ -6,6 +6,7 @@ against the held-out real images, and CIDEr / BLEU-4 of captions generated for h
     fid = frechet_distance(*gaussian(feats(real)), *gaussian(feats(fake)))
     cider(hypotheses, references), bleu4(hypotheses, references)   # references: a list of captions per image
     evaluate_heldout(model, vae, 'cc3m', DIR, fid_n=1000)           # what train.py's evaluations add to eval.json
+    evaluate(model, vae, args, device)        # eval.json: the shapes oracle, these metrics, validation losses
 
 FID (Heusel et al. 2017) compares the Gaussians of Inception-v3 pool features (2048-d) of the two sets.
 The network is TensorFlow's Inception of 2015-12-05 as a TorchScript file, the one that StyleGAN's,
@@ -269,4 +270,32 @@ def evaluate_heldout(model, vae, dataset, data_dir=None, holdout=HOLDOUT, fid_n=
         out.update(fid=fid(feats, generate, [c[0] for c in captions[:n]], None, batch_size, REAL_FID_STATS[key]),
                    fid_n=n)
         log(f"eval: FID {out['fid']:.2f} of {n} generated images against held-out images")
+    return out
+
+
+# ----------------------------------------------------------------------------- eval.json
+
+EVAL_KEYS = ["gen_accuracy", *(f"gen/{t}" for t in ("single_object", "two_object", "counting", "colors", "position",
+                                                    "color_attr")),
+             "gen_heldout_pairs", "gen_seen_pairs", "caption_accuracy", "caption_heldout_pairs", "vqa_accuracy",
+             "edit_accuracy"]
+
+
+def evaluate(model, vae, args, device, log=print):
+    """train.py's eval.json dict (always with the weights it is given: train.py passes the EMA's): the shapes
+    oracle's accuracies (shapes only, else None; data/shapes.py), FID with --fid N and, on real data, CIDEr /
+    BLEU-4 of captions of held-out images (evaluate_heldout), and the validation losses. args: train.py's
+    flags (data, --eval_n, --fid, --inception and the sampling flags)."""
+    from . import shapes
+    from .streams import val_batches, val_losses
+    out = dict.fromkeys(EVAL_KEYS)
+    model.eval()
+    sampling = dict(num_iter=args.num_iter, guidance=args.guidance, temperature=args.temperature,
+                    diffusion_steps=args.diffusion_steps, sampler=args.sampler)
+    if args.dataset == "shapes":
+        out.update(shapes.evaluate_shapes(model, vae, args.eval_n, args.seed, log, **sampling))
+    out.update(evaluate_heldout(model, vae, args.dataset, args.data_dir, args.holdout, args.fid, args.inception,
+                                0 if args.dataset == "shapes" else 2 * args.eval_n, args.batch_size, args.seed, log,
+                                **sampling))
+    out.update(val_losses(model, val_batches(args, model, vae, device)))
     return out

@@ -8,7 +8,8 @@ So what a step sees and computes depends neither on the number of processes nor 
 resumed. Each micro-batch holds a fixed number of rows per task (rows_per_task), so every step's
 batch has the same shape (one compiled graph) and the task mix holds in every micro-batch.
 
-`args` below is anything with train.py's data flags: dataset, data_dir, resolution, seed, holdout.
+`args` below is anything with train.py's data flags: dataset, data_dir, resolution, seed, holdout (and for
+the validation batches the task flags and batch_size).
 """
 import atexit
 import itertools
@@ -20,7 +21,7 @@ import torch
 
 from unifluid import patchify
 
-from . import build_dataset, validation_note
+from . import build_dataset, task_mix, validation_note
 from .imagetext import EmptySplit
 
 
@@ -223,3 +224,41 @@ def encode_batch(model, vae, examples, device, generator=None, cfg_dropout=0.0, 
     batch = model.make_batch(tasks, prompts, [e["answer"] for e in examples], gen_tokens, und, pad_multiple,
                              gen_images)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fixed_examples(args, n_prompts=12, n_images=6):
+    """The validation examples every sample interval of a run reuses: text-to-image prompts and (image,
+    question) examples."""
+    stream = ShardStream(args, "val", 0, 1, tasks={"t2i": 0.5, "caption": 0.25, "vqa": 0.25})
+    prompts, und = [], []
+    for _ in range(2000):
+        e = stream.next()
+        if e["task"] == "t2i" and len(prompts) < n_prompts:
+            prompts.append(e["prompt"])
+        elif e["task"] in ("caption", "vqa") and len(und) < n_images:
+            und.append(e)
+        if len(prompts) == n_prompts and len(und) == n_images:
+            break
+    return prompts, und
+
+
+def val_batches(args, model, vae, device, n=8, log=None):
+    """n fixed validation batches of the run's task mix (batch_size rows each)."""
+    stream = ShardStream(args, "val", 0, 1, tasks=task_mix(args))
+    if log:
+        log(stream.note)
+    return [encode_batch(model, vae, stream.take(args.batch_size), device) for _ in range(n)]
+
+
+@torch.no_grad()
+def val_losses(model, batches):
+    """Mean image and text losses over fixed validation batches (fixed seeds: comparable across evals)."""
+    li, lt, ni, nt = 0.0, 0.0, 0, 0
+    for i, batch in enumerate(batches):
+        torch.manual_seed(i)
+        out = model(batch)
+        if "gen_tokens" in batch:
+            li, ni = li + out["loss_image"].item(), ni + 1
+        if (batch["targets"] != -100).any():
+            lt, nt = lt + out["loss_text"].item(), nt + 1
+    return dict(val_loss_image=round(li / ni, 5) if ni else None, val_loss_text=round(lt / nt, 5) if nt else None)
