@@ -123,7 +123,7 @@ def build_parser():
     g.add_argument("--stop_at", type=non_negative(int), default=0,
                    help="stop (and checkpoint) at this step, keeping the schedule of --max_steps; 0 = run to the end")
     g.add_argument("--time_budget", type=non_negative(float), default=0, help="stop after this many minutes; 0: none")
-    g.add_argument("--lr", type=non_negative(float), default=2e-3, help="peak learning rate")
+    g.add_argument("--lr", type=non_negative(float), default=3e-3, help="peak learning rate")
     g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup", type=non_negative(int), default=100, help="linear warmup steps")
     g.add_argument("--weight_decay", type=non_negative(float), default=0.05, help="AdamW decay of >=2-D weights")

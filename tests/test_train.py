@@ -130,7 +130,7 @@ def test_vit_lr_scale_moves_the_vit_at_that_fraction_and_resumes_exactly(tmp_pat
         first.append({k: (v - before[k]).abs().max().item() for k, v in run.raw_model.state_dict().items()})
         return out
     monkeypatch.setattr(train, "train_step", spy)
-    run(tmp_path / "a", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1")
+    run(tmp_path / "a", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1", "--lr", "2e-3")
     moved = first[0]
     vit = max(v for k, v in moved.items() if k.startswith("vision."))
     rest = max(v for k, v in moved.items() if not k.startswith("vision."))
