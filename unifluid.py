@@ -1382,6 +1382,7 @@ def measure_matmul_flops(device, dtype, seconds=1.0):
 
 
 def peak_flops(device, dtype):
+    """(FLOP/s, where the figure comes from): the MFU's denominator, a table's bf16 peak or a measured one."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         hits = [k for k in GPU_PEAK_BF16 if k in name]
