@@ -136,7 +136,7 @@ def test_vit_lr_scale_moves_the_vit_at_that_fraction_and_resumes_exactly(tmp_pat
     rest = max(v for k, v in moved.items() if not k.startswith("vision."))
     assert rest == pytest.approx(2e-3 / 5, rel=0.05)                  # --lr 2e-3 at the first of 5 warmup steps
     assert vit == pytest.approx(0.1 * rest, rel=0.05)
-    run(tmp_path / "b", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1", "--stop_at", "2")
+    run(tmp_path / "b", vae_path, "--max_steps", "4", "--vit_lr_scale", "0.1", "--lr", "2e-3", "--stop_at", "2")
     run(tmp_path / "b", vae_path, "--max_steps", "4", "--init_from", "resume")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     for part in ("model", "ema", "optimizer"):
