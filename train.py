@@ -62,8 +62,8 @@ from data.plots import save_grid
 from data.streams import encode_batch, fixed_examples, rows_per_task, step_examples, step_seed, val_batches, val_losses
 from unifluid import (ByteTokenizer, Config, GemmaTokenizer, PRESETS, UniFluid, WordTokenizer,
                       estimate_flops_per_example, gemma_config, load_checkpoint, load_gemma, load_optimizer_state,
-                      load_siglip, peak_flops, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state,
-                      siglip_config, tokenizer_from_state)
+                      load_siglip, read_checkpoint, read_hf_folder, save_checkpoint, set_rng_state, siglip_config,
+                      tokenizer_from_state)
 
 MAX_BAD_STEPS = 5   # non-finite steps in a row before a run stops (each is skipped, not applied)
 PAD_MULTIPLE = 16  # under torch.compile, sequences are padded to a multiple of this: a few shapes, a few graphs
@@ -755,6 +755,39 @@ def full_tensor(t, gather=True):
     if not isinstance(t, DTensor):
         return t
     return t.full_tensor() if gather else t.to_local()
+
+
+# dense bf16 tensor-core peaks (FLOP/s); the longest name that matches the device's name wins
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
+                 "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+                 "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def measure_matmul_flops(device, dtype, seconds=1.0):
+    """Best FLOP/s of square matrix products over ~`seconds`: the CPU's (or an unknown GPU's) peak."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device, dtype):
+    """(FLOP/s, where the figure comes from): the MFU's denominator, a table's bf16 peak or a measured one."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        hits = [k for k in GPU_PEAK_BF16 if k in name]
+        if hits and dtype == torch.bfloat16:
+            return GPU_PEAK_BF16[max(hits, key=len)], f"{name} bf16 table"
+        return measure_matmul_flops(device, dtype), f"{name} measured {dtype}".replace("torch.", "")
+    return measure_matmul_flops(device, torch.float32), "CPU measured float32 matmul"
 
 
 def peak_memory(device):

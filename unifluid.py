@@ -15,15 +15,13 @@ Read top to bottom, the method: 1. config and presets -> 2. decoder -> 3. attent
 4. understanding ViT -> 5. image tokens -> 6. random-order masking -> 7. diffusion head (loss and
 sampler) -> 8. UniFluid (batch layout, joint loss) -> 9. generation. Then the appendix, what belongs to
 the model but is not the method: A. tokenizers, B. Hugging Face Gemma / SigLIP config and weight-name
-maps, C. FLOPs and the device's peak (MFU), D. checkpoints and weight files. Nothing here reads datasets
-or the command line.
+maps, C. FLOPs, D. checkpoints and weight files. Nothing here reads datasets or the command line.
 """
 import json
 import math
 import os
 import random
 import re
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
@@ -1329,7 +1327,7 @@ def load_siglip(model, tensors, freeze=False):
     model.vision.requires_grad_(not freeze)
 
 # -----------------------------------------------------------------------------
-# Appendix C. FLOPs and the device's peak FLOP/s, for the MFU printed in the training log
+# Appendix C. FLOPs, for the MFU printed in the training log
 
 
 def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
@@ -1357,39 +1355,6 @@ def estimate_flops_per_example(cfg, task_mix=None, text_len=12):
             f += 6 * vit * V + 6 * vw * cfg.vit_pool ** 2 * D * M + 6 * D * cfg.vocab_size * (text_len // 2)
         total += share * f
     return total
-
-
-# dense bf16 tensor-core peaks (FLOP/s); the longest name that matches the device's name wins
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
-                 "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-                 "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
-
-
-def measure_matmul_flops(device, dtype, seconds=1.0):
-    """Best FLOP/s of square matrix products over ~`seconds`: the CPU's (or an unknown GPU's) peak."""
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best, end = 0.0, time.time() + seconds
-    while time.time() < end:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
-
-
-def peak_flops(device, dtype):
-    """(FLOP/s, where the figure comes from): the MFU's denominator, a table's bf16 peak or a measured one."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        hits = [k for k in GPU_PEAK_BF16 if k in name]
-        if hits and dtype == torch.bfloat16:
-            return GPU_PEAK_BF16[max(hits, key=len)], f"{name} bf16 table"
-        return measure_matmul_flops(device, dtype), f"{name} measured {dtype}".replace("torch.", "")
-    return measure_matmul_flops(device, torch.float32), "CPU measured float32 matmul"
 
 
 # -----------------------------------------------------------------------------
